@@ -1,0 +1,140 @@
+//! One error type for everything the proxy answers on its own, so every
+//! failure reaches clients in the shape OpenAI SDKs parse
+//! (`{"error":{"message","type","param","code"}}`) with the status that says
+//! whose fault it was: the client's (4xx), an upstream's (502/504) or ours.
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderValue, StatusCode};
+
+/// Which upstream call failed; labels metrics and error messages so an
+/// operator can tell a dead prefiller from a dead decoder at a glance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    Prefill,
+    Decode,
+    Models,
+}
+
+impl Leg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Leg::Prefill => "prefill",
+            Leg::Decode => "decode",
+            Leg::Models => "models",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client sent something we refuse before any upstream sees it.
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("request body exceeds {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
+    /// An upstream could not be reached, failed, or answered nonsense. The
+    /// detail is logged, the client gets only which leg broke.
+    #[error("{} upstream failed: {detail}", leg.as_str())]
+    Upstream { leg: Leg, detail: String },
+    #[error("{} upstream did not answer within {secs:.1}s", leg.as_str())]
+    UpstreamTimeout { leg: Leg, secs: f64 },
+    /// `--on-kv-timeout fail`: the prefiller's KV never reported as stored.
+    #[error("KV cache was not reported stored within {secs:.1}s (--kv-ready-timeout)")]
+    KvTimeout { secs: f64 },
+}
+
+impl ProxyError {
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ProxyError::BadRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } | ProxyError::KvTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+        }
+    }
+
+    /// The `type` field, named like vLLM's own errors so that a client sees
+    /// one vocabulary whether the proxy or the engine refused it.
+    fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest { .. } => "BadRequestError",
+            ProxyError::PayloadTooLarge { .. } => "RequestTooLargeError",
+            ProxyError::NotFound(_) => "NotFoundError",
+            ProxyError::MethodNotAllowed(_) => "MethodNotAllowedError",
+            ProxyError::Upstream { .. } => "BadGatewayError",
+            ProxyError::UpstreamTimeout { .. } | ProxyError::KvTimeout { .. } => {
+                "GatewayTimeoutError"
+            }
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::BadRequest { param, .. } => *param,
+            _ => None,
+        }
+    }
+
+    /// The message shown to the client. Upstream failure details (addresses,
+    /// OS errors) stay in the log.
+    fn public_message(&self) -> String {
+        match self {
+            ProxyError::Upstream { leg, .. } => {
+                format!("the {} upstream failed; see the proxy log", leg.as_str())
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The error as a JSON object `{"error":{...}}`.
+    pub fn body(&self) -> Bytes {
+        error_json(
+            &self.public_message(),
+            self.kind(),
+            self.param(),
+            self.status().as_u16(),
+        )
+    }
+}
+
+/// Serialises the OpenAI error object. Also used for the SSE error event a
+/// broken decoder stream ends with.
+pub fn error_json(message: &str, kind: &str, param: Option<&str>, code: u16) -> Bytes {
+    let value = serde_json::json!({
+        "error": { "message": message, "type": kind, "param": param, "code": code }
+    });
+    Bytes::from(serde_json::to_vec(&value).expect("a JSON value always serialises"))
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        if self.status().is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let mut response = (self.status(), self.body()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}

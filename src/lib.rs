@@ -1,0 +1,29 @@
+//! pd-proxy: the front door of a disaggregated vLLM deployment.
+//!
+//! ```text
+//! client ──POST /v1/chat/completions──▶ pd-proxy :8000
+//!   ├─ park the request under a fresh 32-hex id (pending.rs)
+//!   ├─ copy with max_tokens=1, stream=false, X-Request-Id: id ──▶ prefiller
+//!   │      prefiller's LMCache, once per TP rank:
+//!   │      POST :5768/api/v1/telemetry {request_store_finished, [chatcmpl-id-xxxxxxxx]}
+//!   │      ──▶ telemetry.rs counts ranks, wakes the parked request
+//!   ├─ wait for every rank, bounded by --kv-ready-timeout
+//!   └─ original body ──▶ decoder ──SSE──▶ relayed frame by frame ──▶ client
+//! ```
+//!
+//! The decoder finds the prompt's KV in LMCache and skips the prefill. The
+//! request path reads top to bottom in `proxy.rs`.
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod pending;
+pub mod proxy;
+pub mod server;
+pub mod sim;
+pub mod telemetry;
+pub mod upstream;
+
+pub use config::{Args, Config, KvTimeoutPolicy, ListenAddrs};
+pub use server::{public_router, serve, telemetry_router, App, Listeners};

@@ -1,0 +1,93 @@
+//! The `pd-proxy` binary: configuration, logging, listeners; the rest is
+//! the library's.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use pd_proxy::{App, Args, ListenAddrs, Listeners};
+use tokio::net::TcpListener;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let (config, addrs) = match args.resolve(std::env::var("OPENAI_API_KEY").ok()) {
+        Ok(resolved) => resolved,
+        Err(message) => {
+            eprintln!("pd-proxy: error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts");
+    match runtime.block_on(run(config, addrs)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("pd-proxy: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: pd_proxy::Config, addrs: ListenAddrs) -> Result<(), String> {
+    let public = bind(&addrs.host, addrs.port).await?;
+    let telemetry = bind(&addrs.telemetry_host, addrs.telemetry_port).await?;
+    tracing::info!(
+        api = %public.local_addr().map_err(|e| e.to_string())?,
+        telemetry = %telemetry.local_addr().map_err(|e| e.to_string())?,
+        prefillers = ?config.prefillers.iter().map(|e| &e.authority).collect::<Vec<_>>(),
+        decoders = ?config.decoders.iter().map(|e| &e.authority).collect::<Vec<_>>(),
+        "pd-proxy listening"
+    );
+    let app = App::new(config);
+    pd_proxy::serve(Listeners { public, telemetry }, app, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Binds `host:port`. A name such as `localhost` may resolve to several
+/// addresses; IPv4 is tried first because LMCache's default telemetry URL
+/// and most clients say `127.0.0.1`/`localhost` and reach it over IPv4.
+async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+    let mut addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    let mut last = format!("{host} resolved to no address");
+    for addr in addrs {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = format!("cannot listen on {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

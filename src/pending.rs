@@ -1,0 +1,296 @@
+//! Requests parked between their prefill and their decode, waiting for
+//! LMCache to report the prompt's KV as stored.
+//!
+//! Ownership is simple on purpose: the request's own future parks the entry
+//! and holds a [`ParkedGuard`]; dropping the guard (done waiting, timed out,
+//! client gone, error) is the only way an entry leaves the map. Telemetry only
+//! updates entries and wakes their waiter, so nothing can be removed twice or
+//! forgotten.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use metrics::Gauge;
+use tokio::sync::oneshot;
+
+/// A proxy-generated request id: 128 random bits, written as 32 lowercase
+/// hex digits. Fixed length and no `-`, so the id can be cut back out of
+/// vLLM's internal ids (`chatcmpl-<id>-<suffix>`, `cmpl-<id>-<i>-<suffix>`)
+/// without a lookup.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId(u128);
+
+/// Hex digits in a [`RequestId`].
+pub const ID_LEN: usize = 32;
+
+/// KV ranks are tracked in a bitmask; LMCache's `world_size` is the tensor
+/// parallel degree, far below this.
+pub const MAX_WORLD_SIZE: u32 = 128;
+
+impl RequestId {
+    pub fn random() -> Self {
+        RequestId(rand::random())
+    }
+
+    /// Parses exactly 32 lowercase hex digits, the form [`fmt::Display`]
+    /// writes.
+    pub fn parse(hex: &str) -> Option<Self> {
+        if hex.len() != ID_LEN || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        u128::from_str_radix(hex, 16).ok().map(RequestId)
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Ids are uniformly random and only the proxy inserts them, so their low
+/// bits are already a good hash; SipHash would be wasted work per event.
+#[derive(Clone, Copy, Default)]
+pub struct IdHasherBuilder;
+
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(buf);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 ^= v as u64 ^ (v >> 64) as u64;
+    }
+}
+
+impl BuildHasher for IdHasherBuilder {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher::default()
+    }
+}
+
+/// What one telemetry event did to the map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// No parked request has this id (already released, or not ours).
+    Unknown,
+    /// Counted; more ranks or prompts are still missing.
+    Partial,
+    /// This rank of this prompt was already counted.
+    Duplicate,
+    /// The last missing piece: the waiter has been woken.
+    Ready,
+    /// The id is ours but the prompt index is past the request's prompts, or
+    /// the rank is not below the world size.
+    Rejected,
+}
+
+struct Parked {
+    /// Per prompt, the bitmask of KV ranks that reported.
+    ranks: Box<[u128]>,
+    /// The TP degree reported by telemetry; 0 until the first event. If ranks
+    /// disagree, the largest wins so no rank is skipped.
+    world_size: u32,
+    /// Prompts not yet complete for `world_size`.
+    incomplete: usize,
+    /// Taken when the request becomes ready.
+    wake: Option<oneshot::Sender<()>>,
+}
+
+impl Parked {
+    fn full(&self, prompt: usize) -> bool {
+        self.ranks[prompt].count_ones() >= self.world_size
+    }
+
+    fn recount(&mut self) {
+        self.incomplete = (0..self.ranks.len()).filter(|&p| !self.full(p)).count();
+    }
+}
+
+pub struct Pending {
+    map: DashMap<RequestId, Parked, IdHasherBuilder>,
+    gauge: Gauge,
+}
+
+impl Pending {
+    /// `gauge` is `pd_proxy_pending_requests`: it moves with the map.
+    pub fn new(gauge: Gauge) -> Arc<Self> {
+        Arc::new(Pending {
+            map: DashMap::with_hasher(IdHasherBuilder),
+            gauge,
+        })
+    }
+
+    /// Parks `id`, expecting KV for `prompts` prompts (a completions batch
+    /// has one engine request per prompt). Must happen before the prefill is
+    /// sent: LMCache's event can arrive before the prefill response.
+    pub fn park(
+        self: &Arc<Self>,
+        id: RequestId,
+        prompts: usize,
+    ) -> (ParkedGuard, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let parked = Parked {
+            ranks: vec![0; prompts.max(1)].into_boxed_slice(),
+            world_size: 0,
+            incomplete: prompts.max(1),
+            wake: Some(tx),
+        };
+        let previous = self.map.insert(id, parked);
+        debug_assert!(previous.is_none(), "request ids are random 128-bit values");
+        self.gauge.increment(1.0);
+        (
+            ParkedGuard {
+                pending: Arc::clone(self),
+                id,
+            },
+            rx,
+        )
+    }
+
+    /// Counts one rank's "store finished" for one prompt of `id`, waking the
+    /// waiter once every prompt has heard from every rank.
+    pub fn record(&self, id: RequestId, prompt: usize, world_size: u32, rank: u32) -> Recorded {
+        // The shard lock is held only for this synchronous block.
+        let Some(mut parked) = self.map.get_mut(&id) else {
+            return Recorded::Unknown;
+        };
+        if prompt >= parked.ranks.len() || rank >= world_size || world_size > MAX_WORLD_SIZE {
+            return Recorded::Rejected;
+        }
+        let bit = 1u128 << rank;
+        if parked.ranks[prompt] & bit != 0 {
+            return Recorded::Duplicate;
+        }
+        parked.ranks[prompt] |= bit;
+        if world_size > parked.world_size {
+            parked.world_size = world_size;
+            parked.recount();
+        } else if parked.full(prompt) {
+            parked.incomplete -= 1;
+        }
+        if parked.incomplete > 0 {
+            return Recorded::Partial;
+        }
+        if let Some(wake) = parked.wake.take() {
+            // The waiter may have just given up; then nobody needs the wake.
+            let _ = wake.send(());
+            return Recorded::Ready;
+        }
+        Recorded::Duplicate
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// Owns one parked entry; removes it when dropped.
+pub struct ParkedGuard {
+    pending: Arc<Pending>,
+    id: RequestId,
+}
+
+impl ParkedGuard {
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+}
+
+impl Drop for ParkedGuard {
+    fn drop(&mut self) {
+        if self.pending.map.remove(&self.id).is_some() {
+            self.pending.gauge.decrement(1.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending() -> Arc<Pending> {
+        Pending::new(Gauge::noop())
+    }
+
+    #[test]
+    fn id_round_trips_and_rejects_other_forms() {
+        let id = RequestId::random();
+        let text = id.to_string();
+        assert_eq!(text.len(), ID_LEN);
+        assert!(!text.contains('-'));
+        assert_eq!(RequestId::parse(&text), Some(id));
+        assert_eq!(RequestId::parse(&text[1..]), None);
+        assert_eq!(
+            RequestId::parse(
+                &text
+                    .to_uppercase()
+                    .replace(|c: char| c.is_ascii_digit(), "A")
+            ),
+            None
+        );
+        assert_eq!(RequestId::parse("+0000000000000000000000000000000"), None);
+    }
+
+    #[test]
+    fn ready_only_after_every_rank_of_every_prompt() {
+        let p = pending();
+        let id = RequestId::random();
+        let (_guard, mut rx) = p.park(id, 2);
+        assert_eq!(p.record(id, 0, 2, 0), Recorded::Partial);
+        assert_eq!(p.record(id, 0, 2, 0), Recorded::Duplicate);
+        assert_eq!(p.record(id, 0, 2, 1), Recorded::Partial);
+        assert_eq!(p.record(id, 1, 2, 1), Recorded::Partial);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(p.record(id, 2, 2, 0), Recorded::Rejected);
+        assert_eq!(p.record(id, 1, 2, 0), Recorded::Ready);
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(p.record(id, 1, 2, 0), Recorded::Duplicate);
+    }
+
+    #[test]
+    fn a_larger_world_size_reopens_prompts() {
+        let p = pending();
+        let id = RequestId::random();
+        let (_guard, mut rx) = p.park(id, 1);
+        // A rank that claims world_size 1 while another says 2 must not
+        // release the request early.
+        assert_eq!(p.record(id, 0, 2, 1), Recorded::Partial);
+        assert_eq!(p.record(id, 0, 1, 0), Recorded::Ready);
+        assert!(rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn guard_is_the_only_remover() {
+        let p = pending();
+        let id = RequestId::random();
+        let (guard, _rx) = p.park(id, 1);
+        assert_eq!(p.record(id, 0, 1, 0), Recorded::Ready);
+        assert_eq!(p.len(), 1, "telemetry never removes");
+        drop(guard);
+        assert!(p.is_empty());
+        assert_eq!(p.record(id, 0, 1, 0), Recorded::Unknown);
+    }
+}

@@ -1,0 +1,577 @@
+//! The disaggregated request, top to bottom, one function per phase:
+//!
+//! accept → pick prefiller and decoder → park → prefill → await KV-ready →
+//! decode → relay.
+//!
+//! Every leg runs inside the request's own future. When the client goes
+//! away, hyper drops that future (or the response body), which drops the
+//! upstream calls (closing their connections, so vLLM aborts the work) and
+//! the [`ParkedGuard`] (freeing the parked entry). No task is spawned per
+//! request, so nothing outlives its client.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+use tracing::Instrument;
+
+use crate::config::{Endpoint, KvTimeoutPolicy};
+use crate::error::{error_json, Leg, ProxyError};
+use crate::openai::{Api, ClientRequest};
+use crate::pending::{ParkedGuard, RequestId};
+use crate::server::App;
+use crate::upstream;
+
+/// Largest request body accepted. Long-context prompts run to megabytes of
+/// JSON; past this something is wrong.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// Largest upstream body the proxy reads whole (prefill answers, errors,
+/// model lists); streamed decoder bodies are not read whole.
+const MAX_UPSTREAM_BODY_BYTES: usize = 64 << 20;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    handle(app, Api::Chat, headers, body).await
+}
+
+pub async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    handle(app, Api::Completions, headers, body).await
+}
+
+async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Response {
+    let id = RequestId::random();
+    let span = tracing::info_span!("request", %id, api = api.as_str());
+    let mut log = RequestLog::new(Arc::clone(&app), api, span.clone());
+    let mut response = match run(&app, api, id, &headers, body, &mut log)
+        .instrument(span)
+        .await
+    {
+        Ok(response) => response,
+        Err(err) => {
+            log.status = Some(err.status().as_u16());
+            log.outcome = Outcome::Failed;
+            err.into_response()
+        }
+    };
+    let id = HeaderValue::try_from(id.to_string()).expect("hex is a valid header value");
+    response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    response
+}
+
+async fn run(
+    app: &Arc<App>,
+    api: Api,
+    id: RequestId,
+    headers: &HeaderMap,
+    body: Body,
+    log: &mut RequestLog,
+) -> Result<Response, ProxyError> {
+    let raw = read_body(body).await?;
+    let request = ClientRequest::parse(api, &raw)?;
+    let prefiller = app.prefillers.pick();
+    let decoder = app.decoders.pick();
+    // A configured key wins; without one, the client's own credentials.
+    let auth = app
+        .config
+        .upstream_auth
+        .as_ref()
+        .or_else(|| headers.get(header::AUTHORIZATION));
+
+    let (guard, kv_ready) = app.pending.park(id, request.prompts);
+    if let Some(refusal) = prefill(app, api, prefiller, &request, id, auth, log).await? {
+        return Ok(refusal);
+    }
+    await_kv(app, guard, kv_ready, log).await?;
+    let answer = decode(app, api, decoder, raw, auth).await?;
+    Ok(relay(
+        answer,
+        std::mem::replace(log, RequestLog::detached()),
+    ))
+}
+
+async fn read_body(body: Body) -> Result<Bytes, ProxyError> {
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ProxyError::PayloadTooLarge {
+                limit: MAX_BODY_BYTES,
+            })
+        }
+        Err(e) => Err(ProxyError::bad_request(
+            format!("could not read the request body: {e}"),
+            None,
+        )),
+    }
+}
+
+fn uri(endpoint: &Endpoint, api: Api) -> &Uri {
+    match api {
+        Api::Chat => &endpoint.chat_uri,
+        Api::Completions => &endpoint.completions_uri,
+    }
+}
+
+/// Sends the one-token copy and reads its answer whole. `Ok(Some(..))` is
+/// the prefiller's own 4xx, passed to the client as it came: vLLM's
+/// validation message is the best answer there is, and decoding a request
+/// the engine refused is pointless.
+async fn prefill(
+    app: &App,
+    api: Api,
+    prefiller: &Endpoint,
+    request: &ClientRequest,
+    id: RequestId,
+    auth: Option<&HeaderValue>,
+    log: &mut RequestLog,
+) -> Result<Option<Response>, ProxyError> {
+    let started = Instant::now();
+    let header = HeaderValue::try_from(id.to_string()).expect("hex is a valid header value");
+    let req = upstream::post_json(
+        uri(prefiller, api),
+        request.prefill_body(),
+        auth,
+        Some((X_REQUEST_ID.as_str(), header)),
+    );
+    let call = async {
+        let response = app.client.request(req).await.map_err(|e| e.to_string())?;
+        read_whole(response).await
+    };
+    let (status, headers, body) = bounded(app, Leg::Prefill, prefiller, call).await?;
+    let elapsed = started.elapsed();
+    app.metrics.prefill_seconds.record(elapsed);
+    log.prefill = Some(elapsed);
+    if status.is_success() {
+        return Ok(None);
+    }
+    if status.is_client_error() {
+        log.status = Some(status.as_u16());
+        log.outcome = Outcome::Refused;
+        return Ok(Some(passthrough(status, headers, body)));
+    }
+    app.metrics.upstream_error(Leg::Prefill);
+    Err(ProxyError::Upstream {
+        leg: Leg::Prefill,
+        detail: format!(
+            "{} answered {status}: {}",
+            prefiller.authority,
+            snippet(&body)
+        ),
+    })
+}
+
+/// Waits until every rank reported every prompt's KV stored, then gives up
+/// the parked entry. Timing out follows `--on-kv-timeout`.
+async fn await_kv(
+    app: &App,
+    guard: ParkedGuard,
+    kv_ready: oneshot::Receiver<()>,
+    log: &mut RequestLog,
+) -> Result<(), ProxyError> {
+    let started = Instant::now();
+    let ready = timeout(app.config.kv_ready_timeout, kv_ready).await;
+    drop(guard);
+    let waited = started.elapsed();
+    log.kv_wait = Some(waited);
+    app.metrics.kv_wait_seconds.record(waited);
+    // The sender lives in the entry our guard owned, so it cannot have been
+    // dropped before the guard: Ok(Err(_)) does not happen.
+    if matches!(ready, Ok(Ok(()))) {
+        return Ok(());
+    }
+    app.metrics.kv_timeouts.increment(1);
+    let secs = app.config.kv_ready_timeout.as_secs_f64();
+    match app.config.on_kv_timeout {
+        KvTimeoutPolicy::Decode => {
+            tracing::warn!(
+                secs,
+                "KV-ready timed out; decoding anyway (the decoder recomputes)"
+            );
+            log.kv_timed_out = true;
+            Ok(())
+        }
+        KvTimeoutPolicy::Fail => {
+            tracing::warn!(secs, "KV-ready timed out; failing the request");
+            Err(ProxyError::KvTimeout { secs })
+        }
+    }
+}
+
+/// Sends the client's body, byte for byte, and waits for the answer's
+/// headers. A 5xx there is the decoder's failure, not the client's.
+async fn decode(
+    app: &App,
+    api: Api,
+    decoder: &Endpoint,
+    raw: Bytes,
+    auth: Option<&HeaderValue>,
+) -> Result<DecoderAnswer, ProxyError> {
+    let started = Instant::now();
+    let req = upstream::post_json(uri(decoder, api), raw, auth, None);
+    let call = async { app.client.request(req).await.map_err(|e| e.to_string()) };
+    let response = bounded(app, Leg::Decode, decoder, call).await?;
+    if response.status().is_server_error() {
+        app.metrics.upstream_error(Leg::Decode);
+        let status = response.status();
+        let body = timeout(app.config.upstream_timeout, read_whole(response))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|(_, _, body)| body)
+            .unwrap_or_default();
+        return Err(ProxyError::Upstream {
+            leg: Leg::Decode,
+            detail: format!(
+                "{} answered {status}: {}",
+                decoder.authority,
+                snippet(&body)
+            ),
+        });
+    }
+    Ok(DecoderAnswer { response, started })
+}
+
+struct DecoderAnswer {
+    response: http::Response<Incoming>,
+    started: Instant,
+}
+
+/// Streams the decoder's answer to the client as its frames arrive.
+fn relay(answer: DecoderAnswer, mut log: RequestLog) -> Response {
+    let DecoderAnswer { response, started } = answer;
+    let status = response.status();
+    let headers = upstream::relayed_headers(&response);
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    log.status = Some(status.as_u16());
+    let body = RelayBody {
+        inner: response.into_body(),
+        log,
+        decode_started: started,
+        sse,
+        seen_data: false,
+        ends_cleanly: true,
+        finished: false,
+    };
+    let mut out = Response::new(Body::new(body));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// Runs an upstream call under `--upstream-timeout`, turning failures into
+/// the error for `leg` and counting them.
+async fn bounded<T>(
+    app: &App,
+    leg: Leg,
+    endpoint: &Endpoint,
+    call: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, ProxyError> {
+    match timeout(app.config.upstream_timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(detail)) => {
+            app.metrics.upstream_error(leg);
+            Err(ProxyError::Upstream {
+                leg,
+                detail: format!("{}: {detail}", endpoint.authority),
+            })
+        }
+        Err(_) => {
+            app.metrics.upstream_error(leg);
+            Err(ProxyError::UpstreamTimeout {
+                leg,
+                secs: app.config.upstream_timeout.as_secs_f64(),
+            })
+        }
+    }
+}
+
+async fn read_whole(
+    response: http::Response<Incoming>,
+) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    let headers = upstream::relayed_headers(&response);
+    let (parts, body) = response.into_parts();
+    let body = Limited::new(body, MAX_UPSTREAM_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body: {e}"))?
+        .to_bytes();
+    Ok((parts.status, headers, body))
+}
+
+fn passthrough(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response {
+    let mut out = Response::new(Body::from(body));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// The start of an upstream body, for a log line.
+fn snippet(body: &[u8]) -> String {
+    let end = body.len().min(300);
+    String::from_utf8_lossy(&body[..end]).into_owned()
+}
+
+/// Upstream answers relayed to `/v1/models`: the first prefiller that
+/// answers 200, else the first decoder. Each try is bounded, so one dead
+/// server costs at most the connect timeout.
+pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let auth = app
+        .config
+        .upstream_auth
+        .as_ref()
+        .or_else(|| headers.get(header::AUTHORIZATION));
+    let candidates = app.prefillers.all().iter().chain(app.decoders.all());
+    let mut last_error = String::from("no upstream configured");
+    for endpoint in candidates {
+        let call = async {
+            let response = app
+                .client
+                .request(upstream::get(&endpoint.models_uri, auth))
+                .await
+                .map_err(|e| e.to_string())?;
+            read_whole(response).await
+        };
+        match timeout(MODELS_TIMEOUT, call).await {
+            Ok(Ok((status, headers, body))) if status.is_success() => {
+                return passthrough(status, headers, body)
+            }
+            Ok(Ok((status, _, body))) => {
+                last_error = format!(
+                    "{} answered {status}: {}",
+                    endpoint.authority,
+                    snippet(&body)
+                )
+            }
+            Ok(Err(e)) => last_error = format!("{}: {e}", endpoint.authority),
+            Err(_) => {
+                last_error = format!("{}: no answer in {MODELS_TIMEOUT:?}", endpoint.authority)
+            }
+        }
+        app.metrics.upstream_error(Leg::Models);
+        tracing::warn!(error = %last_error, "/v1/models upstream failed; trying the next");
+    }
+    ProxyError::Upstream {
+        leg: Leg::Models,
+        detail: last_error,
+    }
+    .into_response()
+}
+
+const MODELS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a request ended, for its log line and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Still running: if the log is dropped like this, the client left.
+    Running,
+    Completed,
+    /// An upstream refused it (4xx), passed through.
+    Refused,
+    Failed,
+    /// The decoder's stream broke after the headers were sent.
+    DecoderBroke,
+}
+
+/// Phase timings of one request. Dropping it writes the request's one info
+/// line and its end-to-end metrics, whichever way the request ended —
+/// including the client leaving, when hyper drops the future or the body
+/// that owns it.
+struct RequestLog {
+    app: Option<Arc<App>>,
+    api: Api,
+    span: tracing::Span,
+    started: Instant,
+    status: Option<u16>,
+    prefill: Option<Duration>,
+    kv_wait: Option<Duration>,
+    kv_timed_out: bool,
+    decode_ttfb: Option<Duration>,
+    outcome: Outcome,
+}
+
+impl RequestLog {
+    fn new(app: Arc<App>, api: Api, span: tracing::Span) -> Self {
+        RequestLog {
+            app: Some(app),
+            api,
+            span,
+            started: Instant::now(),
+            status: None,
+            prefill: None,
+            kv_wait: None,
+            kv_timed_out: false,
+            decode_ttfb: None,
+            outcome: Outcome::Running,
+        }
+    }
+
+    /// A placeholder left behind when the real log moves into the relayed
+    /// body; it records nothing.
+    fn detached() -> Self {
+        RequestLog {
+            app: None,
+            api: Api::Chat,
+            span: tracing::Span::none(),
+            started: Instant::now(),
+            status: None,
+            prefill: None,
+            kv_wait: None,
+            kv_timed_out: false,
+            decode_ttfb: None,
+            outcome: Outcome::Completed,
+        }
+    }
+}
+
+fn ms(d: Option<Duration>) -> f64 {
+    d.map_or(-1.0, |d| (d.as_secs_f64() * 1e6).round() / 1e3)
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        let Some(app) = self.app.take() else {
+            return;
+        };
+        let total = self.started.elapsed();
+        let client_gone = self.outcome == Outcome::Running;
+        // 499: nginx's "client closed request", the usual name for it.
+        let status = if client_gone {
+            499
+        } else {
+            self.status.unwrap_or(500)
+        };
+        app.metrics.e2e_seconds.record(total);
+        app.metrics.request(self.api, status);
+        if client_gone {
+            app.metrics.client_disconnects.increment(1);
+        }
+        tracing::info!(
+            parent: &self.span,
+            status,
+            outcome = ?self.outcome,
+            prefill_ms = ms(self.prefill),
+            kv_wait_ms = ms(self.kv_wait),
+            kv_timed_out = self.kv_timed_out,
+            decode_ttfb_ms = ms(self.decode_ttfb),
+            total_ms = ms(Some(total)),
+            "request finished"
+        );
+    }
+}
+
+/// The decoder's body on its way to the client: frames pass through as
+/// they come (no parsing, no re-chunking). It owns the request's log, so
+/// the end of the body is the end of the request. A decoder that dies
+/// mid-stream leaves an SSE client a proper ending: an error event, then
+/// `[DONE]`.
+struct RelayBody {
+    inner: Incoming,
+    log: RequestLog,
+    decode_started: Instant,
+    sse: bool,
+    seen_data: bool,
+    /// Whether the bytes relayed so far end on an event boundary, so the
+    /// error event is not glued onto a half-sent one.
+    ends_cleanly: bool,
+    finished: bool,
+}
+
+impl RelayBody {
+    fn broken_stream_tail(&self, err: &hyper::Error) -> Bytes {
+        let event = error_json(
+            &format!("the decoder stream broke: {err}"),
+            "BadGatewayError",
+            None,
+            502,
+        );
+        let mut out = Vec::with_capacity(event.len() + 32);
+        if !self.ends_cleanly {
+            out.extend_from_slice(b"\n\n");
+        }
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&event);
+        out.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+        Bytes::from(out)
+    }
+}
+
+impl http_body::Body for RelayBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !this.seen_data && !data.is_empty() {
+                        this.seen_data = true;
+                        let ttfb = this.decode_started.elapsed();
+                        this.log.decode_ttfb = Some(ttfb);
+                        if let Some(app) = &this.log.app {
+                            app.metrics.decode_ttfb_seconds.record(ttfb);
+                        }
+                    }
+                    if !data.is_empty() {
+                        this.ends_cleanly = data.ends_with(b"\n\n");
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.finished = true;
+                this.log.outcome = Outcome::Completed;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.finished = true;
+                this.log.outcome = Outcome::DecoderBroke;
+                if let Some(app) = &this.log.app {
+                    app.metrics.upstream_error(Leg::Decode);
+                }
+                tracing::warn!(parent: &this.log.span, error = %err, "decoder stream broke");
+                if this.sse {
+                    Poll::Ready(Some(Ok(Frame::data(this.broken_stream_tail(&err)))))
+                } else {
+                    Poll::Ready(Some(Err(err)))
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // A non-streaming answer keeps its Content-Length; an SSE stream may
+        // grow an error event, so it promises nothing.
+        if self.sse {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}

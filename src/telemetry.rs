@@ -1,0 +1,165 @@
+//! LMCache's request telemetry (`LMCACHE_REQUEST_TELEMETRY_TYPE=fastapi`):
+//! each TP rank of the prefiller POSTs `request_store_finished` with vLLM's
+//! engine-internal ids once its share of the KV is stored. The endpoint maps
+//! each id back to a parked request by parsing, counts ranks, and answers at
+//! once: LMCache's sender is fire-and-forget with a 5 s timeout.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::error::ProxyError;
+use crate::pending::{Recorded, RequestId, ID_LEN, MAX_WORLD_SIZE};
+use crate::server::App;
+
+/// The one event that releases requests.
+pub const STORE_FINISHED: &str = "request_store_finished";
+
+#[derive(Debug, Deserialize)]
+struct Payload {
+    event: String,
+    request_ids_set: Vec<String>,
+    #[serde(default = "one")]
+    world_size: u32,
+    #[serde(default)]
+    kv_rank: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Where an engine id points: our request and which of its prompts.
+#[derive(Debug, PartialEq, Eq)]
+pub struct EngineId {
+    pub id: RequestId,
+    pub prompt: usize,
+}
+
+/// Parses vLLM's engine-internal ids for requests the proxy sent:
+/// `chatcmpl-ID`, `chatcmpl-ID-xxxxxxxx`, `cmpl-ID-i`, `cmpl-ID-i-xxxxxxxx`,
+/// where `ID` is the proxy's 32-hex id and `-xxxxxxxx` the random suffix
+/// vLLM ≥ 0.14 appends. Constant time: no scan of parked requests.
+pub fn parse_engine_id(engine_id: &str) -> Option<EngineId> {
+    let (rest, chat) = if let Some(rest) = engine_id.strip_prefix("chatcmpl-") {
+        (rest, true)
+    } else {
+        (engine_id.strip_prefix("cmpl-")?, false)
+    };
+    let id = RequestId::parse(rest.get(..ID_LEN)?)?;
+    let tail = &rest[ID_LEN..];
+    let mut parts = tail.split('-');
+    // `tail` is empty or starts with '-': the first piece is empty.
+    if parts.next() != Some("") {
+        return None;
+    }
+    let prompt = if chat {
+        0
+    } else {
+        let index = parts.next()?;
+        if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        index.parse().ok()?
+    };
+    match (parts.next(), parts.next()) {
+        (None, _) => {}
+        (Some(suffix), None)
+            if !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_alphanumeric()) => {}
+        _ => return None,
+    }
+    Some(EngineId { id, prompt })
+}
+
+/// `POST /api/v1/telemetry`. Replies like the Python proxy:
+/// `{"status":"ok","notified":n,"total":m}`, `notified` being the ids that
+/// belonged to a parked request.
+pub async fn handle(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let payload: Payload = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return ProxyError::bad_request(format!("malformed telemetry payload: {e}"), None)
+                .into_response()
+        }
+    };
+    if payload.world_size == 0
+        || payload.world_size > MAX_WORLD_SIZE
+        || payload.kv_rank >= payload.world_size
+    {
+        return ProxyError::bad_request(
+            format!(
+                "telemetry kv_rank {} / world_size {} out of range (world_size 1..={MAX_WORLD_SIZE}, kv_rank below it)",
+                payload.kv_rank, payload.world_size
+            ),
+            Some("kv_rank"),
+        )
+        .into_response();
+    }
+    let metrics = &app.metrics;
+    metrics.telemetry_event(&payload.event);
+    let total = payload.request_ids_set.len();
+    if payload.event != STORE_FINISHED {
+        tracing::debug!(event = %payload.event, "ignoring telemetry event");
+        return reply(0, total);
+    }
+    let mut notified = 0;
+    for engine_id in &payload.request_ids_set {
+        let outcome = match parse_engine_id(engine_id) {
+            Some(e) => app
+                .pending
+                .record(e.id, e.prompt, payload.world_size, payload.kv_rank),
+            None => Recorded::Unknown,
+        };
+        match outcome {
+            Recorded::Unknown | Recorded::Rejected => {
+                metrics.telemetry_unknown_ids.increment(1);
+                tracing::debug!(%engine_id, ?outcome, "telemetry for no parked request");
+            }
+            Recorded::Partial | Recorded::Duplicate | Recorded::Ready => {
+                notified += 1;
+                tracing::debug!(%engine_id, rank = payload.kv_rank, ?outcome, "telemetry");
+            }
+        }
+    }
+    reply(notified, total)
+}
+
+fn reply(notified: usize, total: usize) -> Response {
+    Json(serde_json::json!({"status": "ok", "notified": notified, "total": total})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_id_forms() {
+        let id = RequestId::random();
+        let ok = |s: String, prompt| {
+            assert_eq!(parse_engine_id(&s), Some(EngineId { id, prompt }), "{s}");
+        };
+        ok(format!("chatcmpl-{id}"), 0);
+        ok(format!("chatcmpl-{id}-bb69c56a"), 0);
+        ok(format!("cmpl-{id}-0"), 0);
+        ok(format!("cmpl-{id}-0-a6fff269"), 0);
+        ok(format!("cmpl-{id}-12-a6fff269"), 12);
+        for bad in [
+            format!("{id}"),
+            format!("chatcmpl-{id}x"),
+            format!("chatcmpl-{id}-"),
+            format!("chatcmpl-{id}-a-b"),
+            format!("cmpl-{id}"),
+            format!("cmpl-{id}-x"),
+            format!("cmpl-{id}-0-a-b"),
+            "chatcmpl-short-1-9a895ec2".to_string(),
+            "cmpl-".to_string(),
+            format!("chatcmpl-{}", &id.to_string()[..31]),
+        ] {
+            assert_eq!(parse_engine_id(&bad), None, "{bad}");
+        }
+    }
+}
