@@ -1,0 +1,194 @@
+//! A whole stack in-process over real sockets: pd-sim's prefiller and
+//! decoder, and pd-proxy in front of them, all on 127.0.0.1:0.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use pd_proxy::sim::{Sim, SimConfig};
+use pd_proxy::{App, Args, Listeners};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub struct Stack {
+    pub url: String,
+    pub telemetry_url: String,
+    pub prefiller: Arc<Sim>,
+    pub decoder: Arc<Sim>,
+    pub app: Arc<App>,
+    pub client: reqwest::Client,
+    _stop: oneshot::Sender<()>,
+}
+
+pub async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// A port nothing listens on: bound once, then released.
+pub async fn dead_port() -> u16 {
+    bind().await.local_addr().unwrap().port()
+}
+
+fn port(l: &TcpListener) -> u16 {
+    l.local_addr().unwrap().port()
+}
+
+/// Starts one prefiller sim and one decoder sim sharing `sim` (the
+/// prefiller posts telemetry to the proxy), and the proxy with `extra`
+/// flags on top of the ports.
+pub async fn start(sim: SimConfig, extra: &[&str]) -> Stack {
+    start_with(sim, extra, |_, _| None).await
+}
+
+/// Like [`start`]; `ports` may replace the upstream flags given the sims'
+/// ports (prefiller, decoder).
+pub async fn start_with(
+    mut sim: SimConfig,
+    extra: &[&str],
+    ports: impl FnOnce(u16, u16) -> Option<Vec<String>>,
+) -> Stack {
+    let public = bind().await;
+    let telemetry = bind().await;
+    let telemetry_addr: SocketAddr = telemetry.local_addr().unwrap();
+    sim.telemetry_url = Some(format!("http://{telemetry_addr}/api/v1/telemetry"));
+    let decoder_config = SimConfig {
+        telemetry_url: None,
+        ..sim.clone()
+    };
+    let prefiller = Sim::new(sim);
+    let decoder = Sim::new(decoder_config);
+    let p = bind().await;
+    let d = bind().await;
+    let (pp, dp) = (port(&p), port(&d));
+    tokio::spawn(Arc::clone(&prefiller).serve_prefiller(p));
+    tokio::spawn(Arc::clone(&decoder).serve_decoder(d));
+
+    let upstream_flags = ports(pp, dp).unwrap_or_else(|| {
+        vec![
+            "--prefiller-host".into(),
+            "127.0.0.1".into(),
+            "--prefiller-port".into(),
+            pp.to_string(),
+            "--decoder-host".into(),
+            "127.0.0.1".into(),
+            "--decoder-port".into(),
+            dp.to_string(),
+        ]
+    });
+    let mut argv: Vec<String> = vec!["pd-proxy".into()];
+    argv.extend(upstream_flags);
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    let (config, _) = Args::try_parse_from(argv).unwrap().resolve(None).unwrap();
+    let app = App::new(config);
+    let url = format!("http://{}", public.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(pd_proxy::serve(
+        Listeners { public, telemetry },
+        Arc::clone(&app),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Stack {
+        url,
+        telemetry_url: format!("http://{telemetry_addr}/api/v1/telemetry"),
+        prefiller,
+        decoder,
+        app,
+        client: reqwest::Client::new(),
+        _stop: stop,
+    }
+}
+
+impl Stack {
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of an unlabelled metric line, 0 when absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics().await, name)
+    }
+
+    /// Waits until no request is parked, as seen by the map and by the
+    /// exported gauge. Bounded: panics after 10 s.
+    pub async fn assert_drained(&self) {
+        wait_until("no parked request", || async {
+            self.app.pending.is_empty() && self.metric("pd_proxy_pending_requests").await == 0.0
+        })
+        .await;
+    }
+}
+
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Polls `cond` every 5 ms for up to 10 s.
+pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub fn chat_body(stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": "Explain KV cache reuse."}],
+        "max_tokens": 8,
+        "stream": stream,
+    })
+}
+
+/// Splits an SSE body into its `data:` payloads.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Asserts an OpenAI-shaped error body and returns its message.
+pub fn assert_openai_error(body: &serde_json::Value, code: u16) -> String {
+    let err = &body["error"];
+    assert!(err.is_object(), "not an OpenAI error: {body}");
+    for key in ["message", "type", "param", "code"] {
+        assert!(err.get(key).is_some(), "error lacks {key}: {body}");
+    }
+    assert_eq!(err["code"], code, "{body}");
+    err["message"].as_str().unwrap().to_owned()
+}

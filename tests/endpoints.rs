@@ -1,0 +1,275 @@
+//! The telemetry endpoint and the proxy's own endpoints.
+
+mod common;
+
+use common::*;
+use pd_proxy::sim::SimConfig;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn telemetry_reply_matches_the_python_proxy_and_counts_unknown_ids() {
+    let s = start(SimConfig::default(), &[]).await;
+    // A line LMCache really posted (shared/captures-vllm-0.32), for a
+    // request this proxy never sent.
+    let captured = json!({"event": "request_store_finished", "request_ids_set": ["chatcmpl-chat-long-1-82599254", "cmpl-lmc-test-1-0-a6fff269"], "model_name": "tiny", "world_size": 1, "kv_rank": 0});
+    let resp = s
+        .client
+        .post(&s.telemetry_url)
+        .json(&captured)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(reply, json!({"status":"ok","notified":0,"total":2}));
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_value(&m, "pd_proxy_telemetry_unknown_ids_total"),
+        2.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "pd_proxy_telemetry_events_total{event=\"request_store_finished\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn malformed_telemetry_is_a_400() {
+    let s = start(SimConfig::default(), &[]).await;
+    for body in [
+        "not json",
+        "{\"event\":\"request_store_finished\"}",
+        "{\"event\":\"request_store_finished\",\"request_ids_set\":\"x\"}",
+        "{\"event\":\"request_store_finished\",\"request_ids_set\":[],\"world_size\":2,\"kv_rank\":2}",
+        "{\"event\":\"request_store_finished\",\"request_ids_set\":[],\"world_size\":0,\"kv_rank\":0}",
+    ] {
+        let resp = s
+            .client
+            .post(&s.telemetry_url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        assert_openai_error(&resp.json().await.unwrap(), 400);
+    }
+}
+
+/// LMCache posts with Python's urllib: a new connection per event,
+/// `Connection: close`. Many in a row must all be answered.
+#[tokio::test]
+async fn telemetry_takes_a_new_connection_per_event() {
+    let s = start(SimConfig::default(), &[]).await;
+    let addr = s
+        .telemetry_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let body = r#"{"event": "request_store_finished", "request_ids_set": ["chatcmpl-x"], "model_name": "m", "world_size": 1, "kv_rank": 0}"#;
+    for _ in 0..200 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let request = format!(
+            "POST /api/v1/telemetry HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: Python-urllib/3.11\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut reply = String::new();
+        tcp.read_to_string(&mut reply).await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(
+            reply.ends_with(r#"{"notified":0,"status":"ok","total":1}"#)
+                || reply.contains("\"notified\":0"),
+            "{reply}"
+        );
+    }
+    assert_eq!(
+        s.metric("pd_proxy_telemetry_unknown_ids_total").await,
+        200.0
+    );
+}
+
+#[tokio::test]
+async fn other_telemetry_events_are_counted_not_acted_on() {
+    let s = start(SimConfig::default(), &[]).await;
+    let resp = s
+        .client
+        .post(&s.telemetry_url)
+        .json(&json!({"event":"request_retrieve_finished","request_ids_set":["a"],"world_size":1,"kv_rank":0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"status":"ok","notified":0,"total":1})
+    );
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "pd_proxy_telemetry_events_total{event=\"request_retrieve_finished\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let s = start(SimConfig::default(), &[]).await;
+    let resp = s
+        .client
+        .get(format!("{}/health", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        s.post("/v1/chat/completions", chat_body(true))
+            .await
+            .status(),
+        200
+    );
+    let resp = s
+        .client
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = resp.text().await.unwrap();
+    for name in [
+        "pd_proxy_requests_total{endpoint=\"chat\",status=\"200\"} 1",
+        "pd_proxy_pending_requests 0",
+        "pd_proxy_prefill_duration_seconds_bucket",
+        "pd_proxy_kv_ready_wait_seconds_bucket",
+        "pd_proxy_decode_first_byte_seconds_bucket",
+        "pd_proxy_request_duration_seconds_bucket",
+        "pd_proxy_telemetry_events_total{event=\"request_store_finished\"} 1",
+        "pd_proxy_upstream_errors_total{leg=\"prefill\"} 0",
+        "pd_proxy_kv_ready_timeouts_total 0",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn models_come_from_a_prefiller_else_a_decoder() {
+    let s = start(SimConfig::default(), &[]).await;
+    let body: Value = s
+        .client
+        .get(format!("{}/v1/models", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["data"][0]["id"], "sim-model");
+
+    let dead = dead_port().await;
+    let s = start_with(SimConfig::default(), &[], |_, d| {
+        Some(
+            [
+                "--prefiller-host",
+                "127.0.0.1",
+                "--prefiller-port",
+                &dead.to_string(),
+                "--decoder-host",
+                "127.0.0.1",
+                "--decoder-port",
+                &d.to_string(),
+            ]
+            .map(String::from)
+            .to_vec(),
+        )
+    })
+    .await;
+    let resp = s
+        .client
+        .get(format!("{}/v1/models", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["data"][0]["id"],
+        "sim-model"
+    );
+
+    let dead2 = dead_port().await;
+    let s = start_with(SimConfig::default(), &[], |_, _| {
+        Some(
+            [
+                "--prefiller-port",
+                &dead.to_string(),
+                "--decoder-port",
+                &dead2.to_string(),
+                "--prefiller-host",
+                "127.0.0.1",
+                "--decoder-host",
+                "127.0.0.1",
+            ]
+            .map(String::from)
+            .to_vec(),
+        )
+    })
+    .await;
+    let resp = s
+        .client
+        .get(format!("{}/v1/models", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_openai_error(&resp.json().await.unwrap(), 502);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_in_openai_shape() {
+    let s = start(SimConfig::default(), &[]).await;
+    let resp = s
+        .client
+        .get(format!("{}/v1/nope", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_openai_error(&resp.json().await.unwrap(), 404);
+    let resp = s
+        .client
+        .get(format!("{}/v1/chat/completions", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_openai_error(&resp.json().await.unwrap(), 405);
+    let resp = s.client.get(&s.telemetry_url).send().await.unwrap();
+    assert_eq!(resp.status(), 405);
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_before_upstream() {
+    let s = start(SimConfig::default(), &[]).await;
+    let huge = vec![b' '; pd_proxy::proxy::MAX_BODY_BYTES + 1];
+    let resp = s
+        .client
+        .post(format!("{}/v1/chat/completions", s.url))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_openai_error(&resp.json().await.unwrap(), 413);
+    assert!(s.prefiller.prefill_requests().is_empty());
+}
