@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# pd-proxy in front of pd-sim (a simulated vLLM prefiller + decoder that
+# posts LMCache telemetry), on the real stack's default ports, and one
+# streaming request through it. Stays up until Ctrl-C so you can send more;
+# --once exits after the request.
+#
+#   bash deploy/sim-demo.sh [--once]
+#
+# Ports: PD_PROXY_PORT (8000), PD_TELEMETRY_PORT (5768),
+#        PD_PREFILL_PORT (8100), PD_DECODE_PORT (8200).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+once=false
+[ "${1:-}" = "--once" ] && once=true
+proxy_port=${PD_PROXY_PORT:-8000}
+telemetry_port=${PD_TELEMETRY_PORT:-5768}
+prefill_port=${PD_PREFILL_PORT:-8100}
+decode_port=${PD_DECODE_PORT:-8200}
+
+cargo build --release --bins
+bin=target/release
+run_dir=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+"$bin/pd-sim" --prefiller-port "$prefill_port" --decoder-port "$decode_port" \
+  --telemetry-url "http://127.0.0.1:$telemetry_port/api/v1/telemetry" \
+  --token-delay-ms 20 >"$run_dir/pd-sim.log" 2>&1 &
+pids+=($!)
+"$bin/pd-proxy" --host 127.0.0.1 --port "$proxy_port" \
+  --prefiller-host 127.0.0.1 --prefiller-port "$prefill_port" \
+  --decoder-host 127.0.0.1 --decoder-port "$decode_port" \
+  --telemetry-port "$telemetry_port" 2>"$run_dir/pd-proxy.log" &
+pids+=($!)
+
+wait_up() { # url name log
+  for _ in $(seq 1 300); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$2 did not come up; its log:" >&2
+  tail -n 20 "$3" >&2
+  exit 1
+}
+wait_up "http://127.0.0.1:$prefill_port/health" pd-sim "$run_dir/pd-sim.log"
+wait_up "http://127.0.0.1:$decode_port/health" pd-sim "$run_dir/pd-sim.log"
+wait_up "http://127.0.0.1:$proxy_port/health" pd-proxy "$run_dir/pd-proxy.log"
+
+echo "== POST http://127.0.0.1:$proxy_port/v1/chat/completions (stream)"
+curl -sS -N "http://127.0.0.1:$proxy_port/v1/chat/completions" \
+  -H 'Content-Type: application/json' \
+  -d '{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":8,"stream":true}'
+echo "== pd-proxy log"
+cat "$run_dir/pd-proxy.log"
+if $once; then exit 0; fi
+echo "== up: pd-proxy on :$proxy_port (logs in $run_dir); Ctrl-C stops everything"
+wait
