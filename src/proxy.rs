@@ -66,9 +66,14 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
             err.into_response()
         }
     };
-    let id = HeaderValue::try_from(id.to_string()).expect("hex is a valid header value");
-    response.headers_mut().insert(X_REQUEST_ID.clone(), id);
     response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), id_header(id));
+    response
+}
+
+fn id_header(id: RequestId) -> HeaderValue {
+    HeaderValue::try_from(id.to_string()).expect("hex is a valid header value")
 }
 
 async fn run(
@@ -95,7 +100,7 @@ async fn run(
         return Ok(refusal);
     }
     await_kv(app, guard, kv_ready, log).await?;
-    let answer = decode(app, api, decoder, raw, auth).await?;
+    let answer = decode(app, api, decoder, raw, auth, id).await?;
     Ok(relay(
         answer,
         std::mem::replace(log, RequestLog::detached()),
@@ -138,12 +143,11 @@ async fn prefill(
     log: &mut RequestLog,
 ) -> Result<Option<Response>, ProxyError> {
     let started = Instant::now();
-    let header = HeaderValue::try_from(id.to_string()).expect("hex is a valid header value");
     let req = upstream::post_json(
         uri(prefiller, api),
         request.prefill_body(),
         auth,
-        Some((X_REQUEST_ID.as_str(), header)),
+        Some((X_REQUEST_ID.as_str(), id_header(id))),
     );
     let call = async {
         let response = app.client.request(req).await.map_err(|e| e.to_string())?;
@@ -210,16 +214,24 @@ async fn await_kv(
 }
 
 /// Sends the client's body, byte for byte, and waits for the answer's
-/// headers. A 5xx there is the decoder's failure, not the client's.
+/// headers. A 5xx there is the decoder's failure, not the client's. The
+/// decoder gets the same `X-Request-Id` as the prefiller, so one id names
+/// the request in the proxy's, both engines' logs and the response's `id`.
 async fn decode(
     app: &App,
     api: Api,
     decoder: &Endpoint,
     raw: Bytes,
     auth: Option<&HeaderValue>,
+    id: RequestId,
 ) -> Result<DecoderAnswer, ProxyError> {
     let started = Instant::now();
-    let req = upstream::post_json(uri(decoder, api), raw, auth, None);
+    let req = upstream::post_json(
+        uri(decoder, api),
+        raw,
+        auth,
+        Some((X_REQUEST_ID.as_str(), id_header(id))),
+    );
     let call = async { app.client.request(req).await.map_err(|e| e.to_string()) };
     let response = bounded(app, Leg::Decode, decoder, call).await?;
     if response.status().is_server_error() {

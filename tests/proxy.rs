@@ -66,7 +66,11 @@ async fn chat_stream_is_relayed_and_the_prefill_copy_is_rewritten() {
         serde_json::to_vec(&body).unwrap(),
         "decoder gets the client's bytes unchanged"
     );
-    assert!(decodes[0].headers.get("x-request-id").is_none());
+    assert_eq!(decodes[0].headers["x-request-id"], id.as_str());
+    assert!(
+        chunks.iter().all(|c| c["id"] == format!("chatcmpl-{id}")),
+        "the response id carries the proxy's id"
+    );
     assert_eq!(s.decoder.decode_streams_completed(), 1);
     s.assert_drained().await;
 }
