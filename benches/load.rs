@@ -162,8 +162,18 @@ async fn one_request(
     req: http::Request<Full<Bytes>>,
     t0: Instant,
 ) -> Option<Duration> {
-    let resp = sender.send_request(req).await.ok()?;
+    // The previous response's end and the connection's return to idle are
+    // not simultaneous; sending before `ready` fails spuriously.
+    sender.ready().await.ok()?;
+    let resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("request failed: {e:?}");
+            return None;
+        }
+    };
     if resp.status() != 200 {
+        eprintln!("status {}", resp.status());
         return None;
     }
     let mut body = resp.into_body();
