@@ -1,12 +1,24 @@
-//! Closed-loop load against pd-proxy over pd-sim, and against pd-sim's
-//! decoder directly in the same run, so the proxy's share of the direct
-//! throughput is measured on the same machine at the same moment.
+//! pd-proxy under load, against pd-sim's decoder called directly in the
+//! same run, so every figure has its baseline from the same machine at the
+//! same moment.
 //!
-//! `cargo bench --bench load` — starts the release `pd-sim` and `pd-proxy`
-//! binaries on free loopback ports, prints a table.
+//! `cargo bench --bench load` starts the release `pd-sim` and `pd-proxy`
+//! binaries on free loopback ports and runs:
+//! - A: zero-latency upstream, 16-token streams, closed loop at several
+//!   concurrencies: req/s, time to first byte and end-to-end p50/p99, the
+//!   proxy's share of the direct throughput, and the proxy's CPU per request;
+//! - B: realistic upstream timings at 1024 clients: the proxy's overhead
+//!   over the simulated time;
+//! - memory: proxy RSS idle, with 10,000 requests parked, after release.
+//!
+//! Prints a table and rewrites `benches/RESULTS.md`. `-- --quick` runs
+//! shorter, for a smoke test.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,6 +29,21 @@ use tokio::net::TcpStream;
 
 const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
 const PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
+
+const CHAT_16: &[u8] = br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":16,"stream":true}"#;
+const CHAT_64: &[u8] = br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":64,"stream":true}"#;
+
+/// Scenario B's simulated timings (ms): prefill, telemetry after the
+/// prefill response, decoder first token, then per token; 64 tokens.
+const B_PREFILL: u64 = 50;
+const B_TELEMETRY: u64 = 5;
+const B_FIRST_TOKEN: u64 = 10;
+const B_PER_TOKEN: u64 = 5;
+const B_TOKENS: u64 = 64;
+
+fn b_simulated() -> Duration {
+    Duration::from_millis(B_PREFILL + B_TELEMETRY + B_FIRST_TOKEN + B_PER_TOKEN * (B_TOKENS - 1))
+}
 
 /// One closed-loop run's outcome.
 #[derive(Default)]
@@ -32,14 +59,16 @@ impl Stats {
     fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
-    fn pct(v: &mut [Duration], p: f64) -> f64 {
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v.sort_unstable();
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        v[i].as_secs_f64() * 1e3
+}
+
+/// Percentile `p` (0..=1) in milliseconds; sorts `v`.
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
     }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i].as_secs_f64() * 1e3
 }
 
 fn free_port() -> u16 {
@@ -51,6 +80,43 @@ fn free_port() -> u16 {
 }
 
 struct Proc(Child);
+
+impl Proc {
+    fn spawn(bin: &str, args: &[String]) -> Proc {
+        Proc(
+            Command::new(bin)
+                .args(args)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
+        )
+    }
+
+    /// user + system CPU time so far, from /proc.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
+        // Fields after the ")" closing the command name; utime and stime
+        // are fields 14 and 15 of the whole line.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+    }
+
+    /// Resident set size in MiB.
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kib / 1024.0
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -58,78 +124,178 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(bin: &str, args: &[String]) -> Proc {
-    Proc(
-        Command::new(bin)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
-    )
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// pd-sim and pd-proxy, started with extra flags.
+struct Stack {
+    sim: Proc,
+    proxy: Proc,
+    proxy_addr: SocketAddr,
+    decoder_addr: SocketAddr,
+}
+
+impl Stack {
+    async fn start(sim_flags: &[&str], proxy_flags: &[&str]) -> Stack {
+        let (pp, dp, api, tel) = (free_port(), free_port(), free_port(), free_port());
+        let mut args: Vec<String> = [
+            "--prefiller-port",
+            &pp.to_string(),
+            "--decoder-port",
+            &dp.to_string(),
+            "--telemetry-url",
+            &format!("http://127.0.0.1:{tel}/api/v1/telemetry"),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(sim_flags.iter().map(|s| s.to_string()));
+        let sim = Proc::spawn(SIM, &args);
+        let mut args: Vec<String> = [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &api.to_string(),
+            "--prefiller-host",
+            "127.0.0.1",
+            "--prefiller-port",
+            &pp.to_string(),
+            "--decoder-host",
+            "127.0.0.1",
+            "--decoder-port",
+            &dp.to_string(),
+            "--telemetry-port",
+            &tel.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(proxy_flags.iter().map(|s| s.to_string()));
+        let proxy = Proc::spawn(PROXY, &args);
+        let stack = Stack {
+            sim,
+            proxy,
+            proxy_addr: ([127, 0, 0, 1], api).into(),
+            decoder_addr: ([127, 0, 0, 1], dp).into(),
+        };
+        for addr in [
+            stack.decoder_addr,
+            ([127, 0, 0, 1], pp).into(),
+            stack.proxy_addr,
+        ] {
+            wait_ready(addr).await;
+        }
+        stack
+    }
+
+    async fn pending(&self) -> f64 {
+        let text = get_text(self.proxy_addr, "/metrics")
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("pd_proxy_pending_requests "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Option<http1::SendRequest<Full<Bytes>>> {
+    let tcp = TcpStream::connect(addr).await.ok()?;
+    tcp.set_nodelay(true).ok()?;
+    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await.ok()?;
+    tokio::spawn(conn);
+    Some(sender)
+}
+
+async fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut sender = connect(addr).await?;
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    String::from_utf8(body.to_vec()).ok()
 }
 
 /// Polls `GET /health` until 200 (bounded).
 async fn wait_ready(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(tcp) = TcpStream::connect(addr).await {
-            if let Ok((mut send, conn)) = http1::handshake(TokioIo::new(tcp)).await {
-                tokio::spawn(conn);
-                let req = http::Request::get(format!("http://{addr}/health"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
-                if let Ok(resp) = send.send_request(req).await {
-                    if resp.status() == 200 {
-                        return;
-                    }
-                }
-            }
-        }
+    while get_text(addr, "/health").await.is_none() {
         assert!(Instant::now() < deadline, "{addr} never became ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
+/// Sends one streaming request; `Some(ttfb)` when the answer was a 200
+/// that ended in `data: [DONE]`.
+async fn one_request(
+    sender: &mut http1::SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+    body: Bytes,
+    t0: Instant,
+) -> Option<Duration> {
+    // The previous response's end and the connection's return to idle are
+    // not simultaneous; sending before `ready` fails spuriously.
+    sender.ready().await.ok()?;
+    let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .unwrap();
+    let resp = sender.send_request(req).await.ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    let mut body = resp.into_body();
+    let mut ttfb = None;
+    let mut tail: Vec<u8> = Vec::with_capacity(128);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.ok()?;
+        if let Some(data) = frame.data_ref() {
+            ttfb.get_or_insert_with(|| t0.elapsed());
+            tail.extend_from_slice(data);
+            if tail.len() > 64 {
+                tail.drain(..tail.len() - 64);
+            }
+        }
+    }
+    tail.ends_with(b"data: [DONE]\n\n").then_some(ttfb?)
+}
+
 /// `concurrency` clients, each on its own keep-alive connection, sending
-/// streaming chat requests back to back for `duration`; every answer must
-/// be a 200 ending in `data: [DONE]`.
+/// requests back to back for `duration`.
 async fn closed_loop(
     addr: SocketAddr,
     concurrency: usize,
     duration: Duration,
-    body: Bytes,
+    body: &'static [u8],
 ) -> Stats {
     let started = Instant::now();
     let deadline = started + duration;
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let body = body.clone();
             tokio::spawn(async move {
                 let mut stats = Stats::default();
                 let mut sender = None;
                 while Instant::now() < deadline {
                     if sender.is_none() {
-                        let Ok(tcp) = TcpStream::connect(addr).await else {
+                        sender = connect(addr).await;
+                        if sender.is_none() {
                             stats.errors += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                             continue;
-                        };
-                        tcp.set_nodelay(true).unwrap();
-                        let Ok((s, conn)) = http1::handshake(TokioIo::new(tcp)).await else {
-                            stats.errors += 1;
-                            continue;
-                        };
-                        tokio::spawn(conn);
-                        sender = Some(s);
+                        }
                     }
-                    let s = sender.as_mut().unwrap();
-                    let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
-                        .header("content-type", "application/json")
-                        .body(Full::new(body.clone()))
-                        .unwrap();
                     let t0 = Instant::now();
-                    match one_request(s, req, t0).await {
+                    let s = sender.as_mut().unwrap();
+                    match one_request(s, addr, Bytes::from_static(body), t0).await {
                         Some(ttfb) => {
                             stats.ok += 1;
                             stats.ttfb.push(ttfb);
@@ -157,96 +323,321 @@ async fn closed_loop(
     total
 }
 
-async fn one_request(
-    sender: &mut http1::SendRequest<Full<Bytes>>,
-    req: http::Request<Full<Bytes>>,
-    t0: Instant,
-) -> Option<Duration> {
-    // The previous response's end and the connection's return to idle are
-    // not simultaneous; sending before `ready` fails spuriously.
-    sender.ready().await.ok()?;
-    let resp = match sender.send_request(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("request failed: {e:?}");
-            return None;
-        }
-    };
-    if resp.status() != 200 {
-        eprintln!("status {}", resp.status());
-        return None;
+struct Report {
+    text: String,
+}
+
+impl Report {
+    fn line(&mut self, s: impl AsRef<str>) {
+        println!("{}", s.as_ref());
+        self.text.push_str(s.as_ref());
+        self.text.push('\n');
     }
-    let mut body = resp.into_body();
-    let mut ttfb = None;
-    let mut tail: Vec<u8> = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.ok()?;
-        if let Some(data) = frame.data_ref() {
-            ttfb.get_or_insert_with(|| t0.elapsed());
-            tail.extend_from_slice(data);
-            if tail.len() > 64 {
-                tail.drain(..tail.len() - 64);
-            }
+}
+
+async fn scenario_a(
+    report: &mut Report,
+    duration: Duration,
+    concurrencies: &[usize],
+) -> Vec<String> {
+    let mut checks = Vec::new();
+    let stack = Stack::start(&[], &[]).await;
+    report.line("### A: zero-latency upstream, 16-token chat streams");
+    report.line("");
+    report.line("| clients | target | req/s | errors | TTFB p50 ms | TTFB p99 ms | e2e p50 ms | e2e p99 ms | share | proxy CPU µs/req | pd-sim CPU µs/req |");
+    report.line("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // Warm the proxy's upstream pool and both binaries' allocators.
+    closed_loop(stack.proxy_addr, 8, Duration::from_millis(500), CHAT_16).await;
+    for &c in concurrencies {
+        let sim0 = stack.sim.cpu();
+        let mut direct = closed_loop(stack.decoder_addr, c, duration, CHAT_16).await;
+        let sim_direct_us = (stack.sim.cpu() - sim0).as_secs_f64() * 1e6 / direct.ok.max(1) as f64;
+        let (cpu0, sim0) = (stack.proxy.cpu(), stack.sim.cpu());
+        let mut proxied = closed_loop(stack.proxy_addr, c, duration, CHAT_16).await;
+        let per_req = |d: Duration| d.as_secs_f64() * 1e6 / proxied.ok.max(1) as f64;
+        let cpu_us = per_req(stack.proxy.cpu() - cpu0);
+        let sim_us = per_req(stack.sim.cpu() - sim0);
+        let share = proxied.rps() / direct.rps();
+        let d50 = pct(&mut direct.e2e, 0.5);
+        for (name, s) in [("direct", &mut direct), ("pd-proxy", &mut proxied)] {
+            let is_proxy = name == "pd-proxy";
+            let rps = s.rps();
+            report.line(format!(
+                "| {c} | {name} | {rps:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0} |",
+                s.errors,
+                pct(&mut s.ttfb, 0.5),
+                pct(&mut s.ttfb, 0.99),
+                pct(&mut s.e2e, 0.5),
+                pct(&mut s.e2e, 0.99),
+                if is_proxy {
+                    format!("{share:.3}")
+                } else {
+                    String::new()
+                },
+                if is_proxy {
+                    format!("{cpu_us:.0}")
+                } else {
+                    String::new()
+                },
+                if is_proxy { sim_us } else { sim_direct_us },
+            ));
+        }
+        let p50 = pct(&mut proxied.e2e, 0.5);
+        match c {
+            1 => checks.push(verdict(
+                p50 <= 3.0 * d50 + 0.3,
+                format!("c1 e2e p50 {p50:.3} ms ≤ 3 × direct {d50:.3} ms + 0.3 ms"),
+            )),
+            64 => checks.push(verdict(
+                share >= 0.20,
+                format!("share at c64 {share:.3} ≥ 0.20"),
+            )),
+            1024 => checks.push(verdict(
+                proxied.errors == 0 && direct.errors == 0,
+                format!(
+                    "errors at c1024: proxy {}, direct {} (want 0)",
+                    proxied.errors, direct.errors
+                ),
+            )),
+            _ => {}
         }
     }
-    tail.ends_with(b"data: [DONE]\n\n").then_some(ttfb?)
+    report.line("");
+    checks
+}
+
+async fn scenario_b(report: &mut Report, duration: Duration, clients: usize) -> Vec<String> {
+    let (prefill, telemetry, first, per) = (
+        B_PREFILL.to_string(),
+        B_TELEMETRY.to_string(),
+        B_FIRST_TOKEN.to_string(),
+        B_PER_TOKEN.to_string(),
+    );
+    let stack = Stack::start(
+        &[
+            "--prefill-delay-ms",
+            &prefill,
+            "--telemetry-delay-ms",
+            &telemetry,
+            "--first-token-delay-ms",
+            &first,
+            "--token-delay-ms",
+            &per,
+        ],
+        &[],
+    )
+    .await;
+    let simulated = b_simulated();
+    report.line(format!(
+        "### B: realistic upstream ({B_PREFILL} ms prefill, telemetry {B_TELEMETRY} ms later, {B_FIRST_TOKEN} ms to first token, {B_PER_TOKEN} ms/token, {B_TOKENS} tokens = {} ms simulated), {clients} clients",
+        simulated.as_millis()
+    ));
+    report.line("");
+    let mut direct = closed_loop(stack.decoder_addr, clients, duration, CHAT_64).await;
+    let mut proxied = closed_loop(stack.proxy_addr, clients, duration, CHAT_64).await;
+    let over = |v: &mut Vec<Duration>, p: f64| pct(v, p) - simulated.as_secs_f64() * 1e3;
+    // The decoder alone takes its share of the simulated time; the rest is
+    // prefill + telemetry.
+    let decode_sim = Duration::from_millis(B_FIRST_TOKEN + B_PER_TOKEN * (B_TOKENS - 1));
+    let d_over = |v: &mut Vec<Duration>, p: f64| pct(v, p) - decode_sim.as_secs_f64() * 1e3;
+    report.line(
+        "| target | req/s | errors | e2e p50 ms | e2e p99 ms | overhead p50 ms | overhead p99 ms |",
+    );
+    report.line("|---|---:|---:|---:|---:|---:|---:|");
+    let (dp50, dp99) = (d_over(&mut direct.e2e, 0.5), d_over(&mut direct.e2e, 0.99));
+    report.line(format!(
+        "| direct (decoder only) | {:.0} | {} | {:.1} | {:.1} | {dp50:.1} | {dp99:.1} |",
+        direct.rps(),
+        direct.errors,
+        pct(&mut direct.e2e, 0.5),
+        pct(&mut direct.e2e, 0.99)
+    ));
+    let (p50, p99) = (over(&mut proxied.e2e, 0.5), over(&mut proxied.e2e, 0.99));
+    report.line(format!(
+        "| pd-proxy | {:.0} | {} | {:.1} | {:.1} | {p50:.1} | {p99:.1} |",
+        proxied.rps(),
+        proxied.errors,
+        pct(&mut proxied.e2e, 0.5),
+        pct(&mut proxied.e2e, 0.99)
+    ));
+    report.line("");
+    report.line("Overhead = end-to-end minus the simulated time (the direct row: minus the decoder's share); it includes pd-sim's own timer and scheduling lag on the shared cores.");
+    report.line("");
+    vec![
+        verdict(p99 <= 10.0, format!("B overhead p99 {p99:.1} ms ≤ 10 ms")),
+        verdict(
+            proxied.errors == 0,
+            format!("B errors {} (want 0)", proxied.errors),
+        ),
+    ]
+}
+
+/// 10,000 requests parked at once (pd-sim holds telemetry back), then
+/// released.
+async fn memory(report: &mut Report, parked: usize) -> Vec<String> {
+    let hold_ms = 20_000u64;
+    let stack = Stack::start(
+        &[
+            "--telemetry-delay-ms",
+            &hold_ms.to_string(),
+            "--default-tokens",
+            "4",
+        ],
+        &["--kv-ready-timeout", "120"],
+    )
+    .await;
+    // Idle = after start-up and a few requests, as a running proxy sits.
+    let mut warm = connect(stack.proxy_addr).await.unwrap();
+    let _ = get_text(stack.proxy_addr, "/metrics").await;
+    drop(warm.ready().await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle = stack.proxy.rss_mib();
+
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(parked);
+    // Paced so the proxy's prefill connections stay few: parking is what is
+    // measured, not a connection storm.
+    let mut tick = tokio::time::interval(Duration::from_micros(250));
+    for _ in 0..parked {
+        tick.tick().await;
+        let (done, failed, addr) = (done.clone(), failed.clone(), stack.proxy_addr);
+        tasks.push(tokio::spawn(async move {
+            let ok = match connect(addr).await {
+                Some(mut s) => {
+                    one_request(&mut s, addr, Bytes::from_static(CHAT_16), Instant::now())
+                        .await
+                        .is_some()
+                }
+                None => false,
+            };
+            if ok {
+                done.fetch_add(1, Ordering::Relaxed)
+            } else {
+                failed.fetch_add(1, Ordering::Relaxed)
+            };
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_millis(hold_ms);
+    let mut at_peak = f64::NAN;
+    while Instant::now() < deadline {
+        if stack.pending().await >= parked as f64 {
+            at_peak = stack.proxy.rss_mib();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let parked_seen = stack.pending().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = stack.proxy.rss_mib();
+    let pending_after = stack.pending().await;
+    report.line(format!(
+        "### Memory: pd-proxy RSS, {parked} requests parked"
+    ));
+    report.line("");
+    report.line("| idle MiB | parked MiB | after release MiB | parked seen | completed | failed | pending after |");
+    report.line("|---:|---:|---:|---:|---:|---:|---:|");
+    report.line(format!(
+        "| {idle:.1} | {at_peak:.1} | {after:.1} | {parked_seen:.0} | {} | {} | {pending_after:.0} |",
+        done.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    ));
+    report.line(format!(
+        "(ramp-up and release took {:.1} s)",
+        started.elapsed().as_secs_f64()
+    ));
+    report.line("");
+    vec![
+        verdict(idle <= 15.0, format!("RSS idle {idle:.1} MiB ≤ 15")),
+        verdict(
+            at_peak <= 64.0,
+            format!("RSS with {parked} parked {at_peak:.1} MiB ≤ 64"),
+        ),
+        verdict(
+            after <= idle * 1.5 + 8.0,
+            format!("RSS after release {after:.1} MiB near idle {idle:.1}"),
+        ),
+        verdict(
+            failed.load(Ordering::Relaxed) == 0 && pending_after == 0.0,
+            format!(
+                "parked requests all completed ({} failed), gauge back to {pending_after}",
+                failed.load(Ordering::Relaxed)
+            ),
+        ),
+    ]
+}
+
+fn verdict(ok: bool, what: String) -> String {
+    format!("- {} {what}", if ok { "PASS" } else { "MISS" })
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores ({cpu})")
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let duration = Duration::from_secs(if quick { 2 } else { 5 });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async move {
-        let (pp, dp, api, tel) = (free_port(), free_port(), free_port(), free_port());
-        let _sim = spawn(
-            SIM,
-            &[
-                "--prefiller-port".into(), pp.to_string(),
-                "--decoder-port".into(), dp.to_string(),
-                "--telemetry-url".into(), format!("http://127.0.0.1:{tel}/api/v1/telemetry"),
-            ],
-        );
-        let _proxy = spawn(
-            PROXY,
-            &[
-                "--host".into(), "127.0.0.1".into(),
-                "--port".into(), api.to_string(),
-                "--prefiller-host".into(), "127.0.0.1".into(),
-                "--prefiller-port".into(), pp.to_string(),
-                "--decoder-host".into(), "127.0.0.1".into(),
-                "--decoder-port".into(), dp.to_string(),
-                "--telemetry-port".into(), tel.to_string(),
-            ],
-        );
-        let proxy: SocketAddr = ([127, 0, 0, 1], api).into();
-        let decoder: SocketAddr = ([127, 0, 0, 1], dp).into();
-        wait_ready(decoder).await;
-        wait_ready(([127, 0, 0, 1], pp).into()).await;
-        wait_ready(proxy).await;
-        let body = Bytes::from_static(
-            br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain KV cache reuse."}],"max_tokens":16,"stream":true}"#,
-        );
-        println!("scenario A: zero-latency pd-sim, 16-token chat streams, {duration:?} per run");
-        println!("{:>6} {:>8} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}", "conc", "target", "req/s", "errors", "ttfb p50", "ttfb p99", "e2e p50", "e2e p99", "share");
-        for concurrency in [1usize, 64] {
-            let mut direct = closed_loop(decoder, concurrency, duration, body.clone()).await;
-            let mut proxied = closed_loop(proxy, concurrency, duration, body.clone()).await;
-            let share = proxied.rps() / direct.rps();
-            for (name, s) in [("direct", &mut direct), ("pd-proxy", &mut proxied)] {
-                let rps = s.rps();
-                println!(
-                    "{concurrency:>6} {name:>8} {rps:>10.0} {:>8} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>7}",
-                    s.errors,
-                    Stats::pct(&mut s.ttfb, 0.5),
-                    Stats::pct(&mut s.ttfb, 0.99),
-                    Stats::pct(&mut s.e2e, 0.5),
-                    Stats::pct(&mut s.e2e, 0.99),
-                    if name == "pd-proxy" { format!("{share:.3}") } else { String::new() },
-                );
-            }
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut report = Report {
+        text: String::new(),
+    };
+    report.line("# pd-proxy benchmark results");
+    report.line("");
+    report.line(format!("- date: {date}"));
+    report.line(format!("- machine: {}", machine()));
+    report.line(format!(
+        "- command: `cargo bench --bench load{}`",
+        if quick { " -- --quick" } else { "" }
+    ));
+    report.line("- load generator, pd-sim and pd-proxy share the machine's cores; closed loop, one keep-alive connection per client, every answer checked to end in `data: [DONE]`");
+    report.line("");
+    let checks = rt.block_on(async {
+        let mut checks = Vec::new();
+        if quick {
+            checks.extend(scenario_a(&mut report, Duration::from_secs(1), &[1, 64]).await);
+            checks.extend(scenario_b(&mut report, Duration::from_secs(2), 256).await);
+            checks.extend(memory(&mut report, 2_000).await);
+        } else {
+            checks
+                .extend(scenario_a(&mut report, Duration::from_secs(5), &[1, 64, 256, 1024]).await);
+            checks.extend(scenario_b(&mut report, Duration::from_secs(10), 1024).await);
+            checks.extend(memory(&mut report, 10_000).await);
         }
+        checks
     });
+    report.line("### Targets");
+    report.line("");
+    for c in &checks {
+        report.line(c);
+    }
+    let mut out = report.text;
+    let _ = writeln!(out);
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
+    if !quick {
+        std::fs::write(path, out).expect("writing benches/RESULTS.md");
+        println!("\nwrote {path}");
+    }
 }

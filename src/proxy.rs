@@ -9,6 +9,7 @@
 //! the [`ParkedGuard`] (freeing the parked entry). No task is spawned per
 //! request, so nothing outlives its client.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,7 +20,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
@@ -270,15 +271,7 @@ fn relay(answer: DecoderAnswer, mut log: RequestLog) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     log.status = Some(status.as_u16());
-    let body = RelayBody {
-        inner: response.into_body(),
-        log,
-        decode_started: started,
-        sse,
-        seen_data: false,
-        ends_cleanly: true,
-        finished: false,
-    };
+    let body = RelayBody::new(response.into_body(), log, started, sse);
     let mut out = Response::new(Body::new(body));
     *out.status_mut() = status;
     *out.headers_mut() = headers;
@@ -486,11 +479,19 @@ impl Drop for RequestLog {
     }
 }
 
-/// The decoder's body on its way to the client: frames pass through as
-/// they come (no parsing, no re-chunking). It owns the request's log, so
-/// the end of the body is the end of the request. A decoder that dies
-/// mid-stream leaves an SSE client a proper ending: an error event, then
-/// `[DONE]`.
+/// The decoder's body on its way to the client: frames pass through
+/// unchanged (no parsing, no re-chunking). It owns the request's log, so the
+/// end of the body is the end of the request. A decoder that dies mid-stream
+/// leaves an SSE client a proper ending: an error event, then `[DONE]`.
+///
+/// Frames that are already on their way are handed to hyper back to back so
+/// it writes them with one `writev`: hyper's client delivers one frame per
+/// wake-up, and hyper's server flushes whenever the body is pending, so
+/// relaying naively costs a syscall per SSE event (measured: 23 `writev`s
+/// per 16-token stream, 6 with batching). After a frame arrives the body
+/// yields up to [`IDLE_YIELDS`] times to let the upstream connection deliver
+/// the next one, and hands the batch over when the yields bring nothing. A
+/// token that arrives alone is delayed by scheduler turns, never a timer.
 struct RelayBody {
     inner: Incoming,
     log: RequestLog,
@@ -500,10 +501,42 @@ struct RelayBody {
     /// Whether the bytes relayed so far end on an event boundary, so the
     /// error event is not glued onto a half-sent one.
     ends_cleanly: bool,
+    /// Frames received and not yet handed to hyper.
+    batch: VecDeque<Frame<Bytes>>,
+    /// Yields since the last frame arrived, while gathering a batch.
+    idle_yields: u8,
+    /// `inner` has ended (or failed); what is left is the batch.
+    upstream_done: bool,
+    /// A non-SSE upstream failure, reported after the batch.
+    error: Option<hyper::Error>,
     finished: bool,
 }
 
+/// hyper's server writes at most this many buffers in one `writev`.
+const MAX_BATCH: usize = 16;
+
+/// Yields without a new frame before a batch is handed over. Measured:
+/// hyper's client connection task needs two scheduler turns to pass on a
+/// frame it has already read; one is not enough.
+const IDLE_YIELDS: u8 = 2;
+
 impl RelayBody {
+    fn new(inner: Incoming, log: RequestLog, decode_started: Instant, sse: bool) -> Self {
+        RelayBody {
+            inner,
+            log,
+            decode_started,
+            sse,
+            seen_data: false,
+            ends_cleanly: true,
+            batch: VecDeque::new(),
+            idle_yields: 0,
+            upstream_done: false,
+            error: None,
+            finished: false,
+        }
+    }
+
     fn broken_stream_tail(&self, err: &hyper::Error) -> Bytes {
         let event = error_json(
             &format!("the decoder stream broke: {err}"),
@@ -520,6 +553,64 @@ impl RelayBody {
         out.extend_from_slice(b"\n\ndata: [DONE]\n\n");
         Bytes::from(out)
     }
+
+    fn observe(&mut self, frame: &Frame<Bytes>) {
+        let Some(data) = frame.data_ref() else {
+            return;
+        };
+        if data.is_empty() {
+            return;
+        }
+        if !self.seen_data {
+            self.seen_data = true;
+            let ttfb = self.decode_started.elapsed();
+            self.log.decode_ttfb = Some(ttfb);
+            if let Some(app) = &self.log.app {
+                app.metrics.decode_ttfb_seconds.record(ttfb);
+            }
+        }
+        self.ends_cleanly = data.ends_with(b"\n\n");
+    }
+
+    fn upstream_failed(&mut self, err: hyper::Error) {
+        self.upstream_done = true;
+        self.log.outcome = Outcome::DecoderBroke;
+        if let Some(app) = &self.log.app {
+            app.metrics.upstream_error(Leg::Decode);
+        }
+        tracing::warn!(parent: &self.log.span, error = %err, "decoder stream broke");
+        if self.sse {
+            let tail = self.broken_stream_tail(&err);
+            self.batch.push_back(Frame::data(tail));
+        } else {
+            self.error = Some(err);
+        }
+    }
+
+    /// Gathers frames until upstream has nothing more right now. `Pending`
+    /// while there is nothing to hand over, or while yielding for more.
+    fn gather(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while !self.upstream_done && self.batch.len() < MAX_BATCH {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.observe(&frame);
+                    self.batch.push_back(frame);
+                    self.idle_yields = 0;
+                }
+                Poll::Ready(Some(Err(err))) => self.upstream_failed(err),
+                Poll::Ready(None) => self.upstream_done = true,
+                Poll::Pending if self.batch.is_empty() => return Poll::Pending,
+                Poll::Pending if self.idle_yields < IDLE_YIELDS => {
+                    self.idle_yields += 1;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Pending => break,
+            }
+        }
+        self.idle_yields = 0;
+        Poll::Ready(())
+    }
 }
 
 impl http_body::Body for RelayBody {
@@ -534,43 +625,21 @@ impl http_body::Body for RelayBody {
         if this.finished {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    if !this.seen_data && !data.is_empty() {
-                        this.seen_data = true;
-                        let ttfb = this.decode_started.elapsed();
-                        this.log.decode_ttfb = Some(ttfb);
-                        if let Some(app) = &this.log.app {
-                            app.metrics.decode_ttfb_seconds.record(ttfb);
-                        }
-                    }
-                    if !data.is_empty() {
-                        this.ends_cleanly = data.ends_with(b"\n\n");
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(None) => {
-                this.finished = true;
-                this.log.outcome = Outcome::Completed;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(err))) => {
-                this.finished = true;
-                this.log.outcome = Outcome::DecoderBroke;
-                if let Some(app) = &this.log.app {
-                    app.metrics.upstream_error(Leg::Decode);
-                }
-                tracing::warn!(parent: &this.log.span, error = %err, "decoder stream broke");
-                if this.sse {
-                    Poll::Ready(Some(Ok(Frame::data(this.broken_stream_tail(&err)))))
-                } else {
-                    Poll::Ready(Some(Err(err)))
-                }
-            }
+        // Still gathering after a yield, or nothing left to hand over.
+        if this.idle_yields > 0 || this.batch.is_empty() {
+            std::task::ready!(this.gather(cx));
         }
+        if let Some(frame) = this.batch.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        this.finished = true;
+        if let Some(err) = this.error.take() {
+            return Poll::Ready(Some(Err(err)));
+        }
+        if this.log.outcome == Outcome::Running {
+            this.log.outcome = Outcome::Completed;
+        }
+        Poll::Ready(None)
     }
 
     fn is_end_stream(&self) -> bool {
