@@ -86,7 +86,12 @@ async fn run(
     log: &mut RequestLog,
 ) -> Result<Response, ProxyError> {
     let raw = read_body(body).await?;
-    let request = ClientRequest::parse(api, &raw)?;
+    // Only the rewritten copy and the prompt count outlive parsing: the
+    // parsed body would otherwise sit in memory for the whole KV wait.
+    let (prefill_body, prompts) = {
+        let request = ClientRequest::parse(api, &raw)?;
+        (request.prefill_body(), request.prompts)
+    };
     let prefiller = app.prefillers.pick();
     let decoder = app.decoders.pick();
     // A configured key wins; without one, the client's own credentials.
@@ -96,8 +101,8 @@ async fn run(
         .as_ref()
         .or_else(|| headers.get(header::AUTHORIZATION));
 
-    let (guard, kv_ready) = app.pending.park(id, request.prompts);
-    if let Some(refusal) = prefill(app, api, prefiller, &request, id, auth, log).await? {
+    let (guard, kv_ready) = app.pending.park(id, prompts);
+    if let Some(refusal) = prefill(app, api, prefiller, prefill_body, id, auth, log).await? {
         return Ok(refusal);
     }
     await_kv(app, guard, kv_ready, log).await?;
@@ -110,7 +115,10 @@ async fn run(
 
 async fn read_body(body: Body) -> Result<Bytes, ProxyError> {
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+        // A body that came in one read shares hyper's 8 KiB connection
+        // buffer; a copy of just the body lets hyper reuse that buffer
+        // instead of allocating another while the request is parked.
+        Ok(collected) => Ok(Bytes::copy_from_slice(&collected.to_bytes())),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
             Err(ProxyError::PayloadTooLarge {
                 limit: MAX_BODY_BYTES,
@@ -138,7 +146,7 @@ async fn prefill(
     app: &App,
     api: Api,
     prefiller: &Endpoint,
-    request: &ClientRequest,
+    body: Bytes,
     id: RequestId,
     auth: Option<&HeaderValue>,
     log: &mut RequestLog,
@@ -146,7 +154,7 @@ async fn prefill(
     let started = Instant::now();
     let req = upstream::post_json(
         uri(prefiller, api),
-        request.prefill_body(),
+        body,
         auth,
         Some((X_REQUEST_ID.as_str(), id_header(id))),
     );
