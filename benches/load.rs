@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
@@ -472,9 +472,41 @@ async fn scenario_b(report: &mut Report, duration: Duration, clients: usize) -> 
     ]
 }
 
-/// 10,000 requests parked at once (pd-sim holds telemetry back), then
+/// How the memory scenario's clients reach the proxy.
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    /// One HTTP/1.1 connection per request, as SDK clients do.
+    Http1,
+    /// HTTP/2 (h2c), 100 requests per connection, as a gateway in front
+    /// would multiplex them.
+    Http2,
+}
+
+/// Sends one streaming request over an HTTP/2 connection.
+async fn one_request_h2(mut sender: http2::SendRequest<Full<Bytes>>, addr: SocketAddr) -> bool {
+    if sender.ready().await.is_err() {
+        return false;
+    }
+    let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(CHAT_16)))
+        .unwrap();
+    let Ok(resp) = sender.send_request(req).await else {
+        return false;
+    };
+    match resp.into_body().collect().await {
+        Ok(body) => resp_ok(&body.to_bytes()),
+        Err(_) => false,
+    }
+}
+
+fn resp_ok(body: &[u8]) -> bool {
+    body.ends_with(b"data: [DONE]\n\n")
+}
+
+/// `parked` requests parked at once (pd-sim holds telemetry back), then
 /// released.
-async fn memory(report: &mut Report, parked: usize) -> Vec<String> {
+async fn memory(report: &mut Report, parked: usize, proto: Proto) -> Vec<String> {
     let hold_ms = 20_000u64;
     let stack = Stack::start(
         &[
@@ -486,10 +518,8 @@ async fn memory(report: &mut Report, parked: usize) -> Vec<String> {
         &["--kv-ready-timeout", "120"],
     )
     .await;
-    // Idle = after start-up and a few requests, as a running proxy sits.
-    let mut warm = connect(stack.proxy_addr).await.unwrap();
+    // Idle = after start-up and a scrape, as a running proxy sits.
     let _ = get_text(stack.proxy_addr, "/metrics").await;
-    drop(warm.ready().await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle = stack.proxy.rss_mib();
 
@@ -500,25 +530,44 @@ async fn memory(report: &mut Report, parked: usize) -> Vec<String> {
     // Paced so the proxy's prefill connections stay few: parking is what is
     // measured, not a connection storm.
     let mut tick = tokio::time::interval(Duration::from_micros(250));
-    for _ in 0..parked {
+    let addr = stack.proxy_addr;
+    let mut h2: Option<http2::SendRequest<Full<Bytes>>> = None;
+    for i in 0..parked {
         tick.tick().await;
-        let (done, failed, addr) = (done.clone(), failed.clone(), stack.proxy_addr);
-        tasks.push(tokio::spawn(async move {
-            let ok = match connect(addr).await {
-                Some(mut s) => {
-                    one_request(&mut s, addr, Bytes::from_static(CHAT_16), Instant::now())
-                        .await
-                        .is_some()
+        let (done, failed) = (done.clone(), failed.clone());
+        let ok = match proto {
+            Proto::Http1 => tokio::spawn(async move {
+                match connect(addr).await {
+                    Some(mut s) => {
+                        one_request(&mut s, addr, Bytes::from_static(CHAT_16), Instant::now())
+                            .await
+                            .is_some()
+                    }
+                    None => false,
                 }
-                None => false,
-            };
-            if ok {
+            }),
+            Proto::Http2 => {
+                if i % 100 == 0 {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    tcp.set_nodelay(true).unwrap();
+                    let (s, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                        .await
+                        .unwrap();
+                    tokio::spawn(conn);
+                    h2 = Some(s);
+                }
+                tokio::spawn(one_request_h2(h2.clone().unwrap(), addr))
+            }
+        };
+        tasks.push(tokio::spawn(async move {
+            if ok.await.unwrap_or(false) {
                 done.fetch_add(1, Ordering::Relaxed)
             } else {
                 failed.fetch_add(1, Ordering::Relaxed)
             };
         }));
     }
+    drop(h2);
     let deadline = Instant::now() + Duration::from_millis(hold_ms);
     let mut at_peak = f64::NAN;
     while Instant::now() < deadline {
@@ -532,43 +581,46 @@ async fn memory(report: &mut Report, parked: usize) -> Vec<String> {
     for t in tasks {
         let _ = t.await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the connections close and the allocator settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let after = stack.proxy.rss_mib();
     let pending_after = stack.pending().await;
-    report.line(format!(
-        "### Memory: pd-proxy RSS, {parked} requests parked"
-    ));
-    report.line("");
-    report.line("| idle MiB | parked MiB | after release MiB | parked seen | completed | failed | pending after |");
-    report.line("|---:|---:|---:|---:|---:|---:|---:|");
-    report.line(format!(
-        "| {idle:.1} | {at_peak:.1} | {after:.1} | {parked_seen:.0} | {} | {} | {pending_after:.0} |",
+    let (label, name) = match proto {
+        Proto::Http1 => ("HTTP/1.1, one connection per request", "h1"),
+        Proto::Http2 => ("HTTP/2, 100 requests per connection", "h2"),
+    };
+    report.line(format!("| {label} | {idle:.1} | {at_peak:.1} | {after:.1} | {parked_seen:.0} | {} | {} | {pending_after:.0} | {:.1} |",
         done.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed)
-    ));
-    report.line(format!(
-        "(ramp-up and release took {:.1} s)",
+        failed.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64()
     ));
-    report.line("");
     vec![
-        verdict(idle <= 15.0, format!("RSS idle {idle:.1} MiB ≤ 15")),
+        verdict(idle <= 15.0, format!("{name}: RSS idle {idle:.1} MiB ≤ 15")),
         verdict(
             at_peak <= 64.0,
-            format!("RSS with {parked} parked {at_peak:.1} MiB ≤ 64"),
+            format!("{name}: RSS with {parked} parked {at_peak:.1} MiB ≤ 64"),
         ),
         verdict(
             after <= idle * 1.5 + 8.0,
-            format!("RSS after release {after:.1} MiB near idle {idle:.1}"),
+            format!("{name}: RSS after release {after:.1} MiB near idle {idle:.1}"),
         ),
         verdict(
             failed.load(Ordering::Relaxed) == 0 && pending_after == 0.0,
             format!(
-                "parked requests all completed ({} failed), gauge back to {pending_after}",
+                "{name}: parked requests all completed ({} failed), gauge back to {pending_after}",
                 failed.load(Ordering::Relaxed)
             ),
         ),
     ]
+}
+
+fn memory_header(report: &mut Report, parked: usize) {
+    report.line(format!(
+        "### Memory: pd-proxy RSS, {parked} requests parked (pd-sim holds telemetry back)"
+    ));
+    report.line("");
+    report.line("| clients | idle MiB | parked MiB | after release MiB | parked seen | completed | failed | pending after | s |");
+    report.line("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
 }
 
 fn verdict(ok: bool, what: String) -> String {
@@ -614,17 +666,27 @@ fn main() {
     ));
     report.line("- load generator, pd-sim and pd-proxy share the machine's cores; closed loop, one keep-alive connection per client, every answer checked to end in `data: [DONE]`");
     report.line("");
+    // `--only a|b|memory` runs one part (and leaves RESULTS.md alone).
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
     let checks = rt.block_on(async {
         let mut checks = Vec::new();
-        if quick {
-            checks.extend(scenario_a(&mut report, Duration::from_secs(1), &[1, 64]).await);
-            checks.extend(scenario_b(&mut report, Duration::from_secs(2), 256).await);
-            checks.extend(memory(&mut report, 2_000).await);
-        } else {
-            checks
-                .extend(scenario_a(&mut report, Duration::from_secs(5), &[1, 64, 256, 1024]).await);
-            checks.extend(scenario_b(&mut report, Duration::from_secs(10), 1024).await);
-            checks.extend(memory(&mut report, 10_000).await);
+        let scale = if quick { 0.2 } else { 1.0 };
+        let secs = |s: f64| Duration::from_secs_f64(s * scale);
+        if run("a") {
+            let concurrencies: &[usize] = if quick { &[1, 64] } else { &[1, 64, 256, 1024] };
+            checks.extend(scenario_a(&mut report, secs(5.0), concurrencies).await);
+        }
+        if run("b") {
+            let clients = if quick { 256 } else { 1024 };
+            checks.extend(scenario_b(&mut report, secs(10.0), clients).await);
+        }
+        if run("memory") {
+            let parked = if quick { 2_000 } else { 10_000 };
+            memory_header(&mut report, parked);
+            checks.extend(memory(&mut report, parked, Proto::Http1).await);
+            checks.extend(memory(&mut report, parked, Proto::Http2).await);
+            report.line("");
         }
         checks
     });
@@ -636,7 +698,7 @@ fn main() {
     let mut out = report.text;
     let _ = writeln!(out);
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
-    if !quick {
+    if !quick && only.is_none() {
         std::fs::write(path, out).expect("writing benches/RESULTS.md");
         println!("\nwrote {path}");
     }
