@@ -496,10 +496,12 @@ impl Drop for RequestLog {
 /// it writes them with one `writev`: hyper's client delivers one frame per
 /// wake-up, and hyper's server flushes whenever the body is pending, so
 /// relaying naively costs a syscall per SSE event (measured: 23 `writev`s
-/// per 16-token stream, 6 with batching). After a frame arrives the body
-/// yields up to [`IDLE_YIELDS`] times to let the upstream connection deliver
-/// the next one, and hands the batch over when the yields bring nothing. A
-/// token that arrives alone is delayed by scheduler turns, never a timer.
+/// per 16-token stream, 6 with batching). While frames come in a burst
+/// (less than [`BURST_GAP`] apart), the body yields up to [`IDLE_YIELDS`]
+/// times after each to let the upstream connection deliver the next, and
+/// hands the batch over when the yields bring nothing. The first frame and
+/// tokens that come at generation pace go out at once: batching costs them
+/// nothing, and never a timer.
 struct RelayBody {
     inner: Incoming,
     log: RequestLog,
@@ -513,6 +515,10 @@ struct RelayBody {
     batch: VecDeque<Frame<Bytes>>,
     /// Yields since the last frame arrived, while gathering a batch.
     idle_yields: u8,
+    /// When the last frame arrived, to tell a burst from generation pace.
+    last_frame: Option<Instant>,
+    /// The last frame came less than [`BURST_GAP`] after the one before.
+    bursting: bool,
     /// `inner` has ended (or failed); what is left is the batch.
     upstream_done: bool,
     /// A non-SSE upstream failure, reported after the batch.
@@ -528,6 +534,10 @@ const MAX_BATCH: usize = 16;
 /// frame it has already read; one is not enough.
 const IDLE_YIELDS: u8 = 2;
 
+/// Frames closer together than this are a burst worth batching; decoders
+/// generate tokens milliseconds apart.
+const BURST_GAP: Duration = Duration::from_micros(500);
+
 impl RelayBody {
     fn new(inner: Incoming, log: RequestLog, decode_started: Instant, sse: bool) -> Self {
         RelayBody {
@@ -539,6 +549,8 @@ impl RelayBody {
             ends_cleanly: true,
             batch: VecDeque::new(),
             idle_yields: 0,
+            last_frame: None,
+            bursting: false,
             upstream_done: false,
             error: None,
             finished: false,
@@ -601,6 +613,11 @@ impl RelayBody {
         while !self.upstream_done && self.batch.len() < MAX_BATCH {
             match Pin::new(&mut self.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
+                    let now = Instant::now();
+                    self.bursting = self
+                        .last_frame
+                        .is_some_and(|last| now.duration_since(last) < BURST_GAP);
+                    self.last_frame = Some(now);
                     self.observe(&frame);
                     self.batch.push_back(frame);
                     self.idle_yields = 0;
@@ -608,7 +625,7 @@ impl RelayBody {
                 Poll::Ready(Some(Err(err))) => self.upstream_failed(err),
                 Poll::Ready(None) => self.upstream_done = true,
                 Poll::Pending if self.batch.is_empty() => return Poll::Pending,
-                Poll::Pending if self.idle_yields < IDLE_YIELDS => {
+                Poll::Pending if self.bursting && self.idle_yields < IDLE_YIELDS => {
                     self.idle_yields += 1;
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
