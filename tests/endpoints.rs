@@ -178,20 +178,7 @@ async fn models_come_from_a_prefiller_else_a_decoder() {
 
     let dead = dead_port().await;
     let s = start_with(SimConfig::default(), &[], |_, d| {
-        Some(
-            [
-                "--prefiller-host",
-                "127.0.0.1",
-                "--prefiller-port",
-                &dead.to_string(),
-                "--decoder-host",
-                "127.0.0.1",
-                "--decoder-port",
-                &d.to_string(),
-            ]
-            .map(String::from)
-            .to_vec(),
-        )
+        Some(upstream_flags("127.0.0.1", dead, "127.0.0.1", d))
     })
     .await;
     let resp = s
@@ -208,20 +195,7 @@ async fn models_come_from_a_prefiller_else_a_decoder() {
 
     let dead2 = dead_port().await;
     let s = start_with(SimConfig::default(), &[], |_, _| {
-        Some(
-            [
-                "--prefiller-port",
-                &dead.to_string(),
-                "--decoder-port",
-                &dead2.to_string(),
-                "--prefiller-host",
-                "127.0.0.1",
-                "--decoder-host",
-                "127.0.0.1",
-            ]
-            .map(String::from)
-            .to_vec(),
-        )
+        Some(upstream_flags("127.0.0.1", dead, "127.0.0.1", dead2))
     })
     .await;
     let resp = s
@@ -277,75 +251,36 @@ async fn oversized_bodies_are_refused_before_upstream() {
 #[tokio::test]
 async fn shutdown_drains_in_flight_streams_then_returns() {
     use futures_util::StreamExt;
-    use pd_proxy::sim::Sim;
-    use std::time::Duration;
 
-    let public = bind().await;
-    let telemetry = bind().await;
-    let url = format!("http://{}", public.local_addr().unwrap());
-    let telemetry_addr = telemetry.local_addr().unwrap();
-    let sim = Sim::new(SimConfig {
-        telemetry_url: Some(format!("http://{telemetry_addr}/api/v1/telemetry")),
-        token_delay: Duration::from_millis(20),
-        ..Default::default()
-    });
-    let (p, d) = (bind().await, bind().await);
-    let (pp, dp) = (
-        p.local_addr().unwrap().port(),
-        d.local_addr().unwrap().port(),
-    );
-    tokio::spawn(sim.clone().serve_prefiller(p));
-    tokio::spawn(sim.clone().serve_decoder(d));
-    let argv = [
-        "pd-proxy",
-        "--prefiller-host",
-        "127.0.0.1",
-        "--prefiller-port",
-        &pp.to_string(),
-        "--decoder-host",
-        "127.0.0.1",
-        "--decoder-port",
-        &dp.to_string(),
-    ];
-    let (config, _) = <pd_proxy::Args as clap::Parser>::try_parse_from(argv)
-        .unwrap()
-        .resolve(None)
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(pd_proxy::serve(
-        pd_proxy::Listeners { public, telemetry },
-        pd_proxy::App::new(config),
-        async move {
-            let _ = stopped.await;
+    let mut s = start(
+        SimConfig {
+            token_delay: std::time::Duration::from_millis(20),
+            ..Default::default()
         },
-    ));
+        &[],
+    )
+    .await;
     let mut body = chat_body(true);
     body["max_tokens"] = json!(20);
-    let resp = reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let mut stream = resp.bytes_stream();
+    let mut stream = s.post("/v1/chat/completions", body).await.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
-    stop.send(()).unwrap();
-    let mut rest = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        rest.extend_from_slice(&chunk.unwrap());
-    }
+    let shutdown = s.shutdown();
+    let drain = async {
+        let mut rest = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            rest.extend_from_slice(&chunk.unwrap());
+        }
+        rest
+    };
+    let (served, rest) = tokio::join!(shutdown, drain);
+    served.unwrap();
     assert!(
         rest.ends_with(b"data: [DONE]\n\n"),
         "the in-flight stream finished"
     );
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("serve returns once drained")
-        .unwrap()
-        .unwrap();
     assert!(
-        reqwest::get(format!("{url}/health")).await.is_err(),
+        reqwest::get(format!("{}/health", s.url)).await.is_err(),
         "no longer accepting"
     );
 }

@@ -358,20 +358,7 @@ async fn prefiller_5xx_is_a_502() {
 async fn unreachable_prefiller_is_a_502() {
     let dead = dead_port().await;
     let s = start_with(SimConfig::default(), &[], |_, d| {
-        Some(
-            [
-                "--prefiller-host",
-                "127.0.0.1",
-                "--prefiller-port",
-                &dead.to_string(),
-                "--decoder-host",
-                "127.0.0.1",
-                "--decoder-port",
-                &d.to_string(),
-            ]
-            .map(String::from)
-            .to_vec(),
-        )
+        Some(upstream_flags("127.0.0.1", dead, "127.0.0.1", d))
     })
     .await;
     let resp = s.post("/v1/chat/completions", chat_body(false)).await;
@@ -384,20 +371,7 @@ async fn unreachable_prefiller_is_a_502() {
 async fn unreachable_decoder_is_a_502() {
     let dead = dead_port().await;
     let s = start_with(SimConfig::default(), &[], |p, _| {
-        Some(
-            [
-                "--prefiller-host",
-                "127.0.0.1",
-                "--prefiller-port",
-                &p.to_string(),
-                "--decoder-host",
-                "127.0.0.1",
-                "--decoder-port",
-                &dead.to_string(),
-            ]
-            .map(String::from)
-            .to_vec(),
-        )
+        Some(upstream_flags("127.0.0.1", p, "127.0.0.1", dead))
     })
     .await;
     let resp = s.post("/v1/chat/completions", chat_body(true)).await;
@@ -578,20 +552,7 @@ async fn prefillers_and_decoders_rotate_independently() {
     // One prefiller, the decoder's port twice: with a shared index the
     // Python proxy pairs them in lockstep; here each pool rotates alone.
     let s = start_with(SimConfig::default(), &[], |p, d| {
-        Some(
-            [
-                "--prefiller-host",
-                "127.0.0.1",
-                "--prefiller-port",
-                &p.to_string(),
-                "--decoder-host",
-                "127.0.0.1,localhost",
-                "--decoder-port",
-                &d.to_string(),
-            ]
-            .map(String::from)
-            .to_vec(),
-        )
+        Some(upstream_flags("127.0.0.1", p, "127.0.0.1,localhost", d))
     })
     .await;
     for _ in 0..4 {

@@ -20,7 +20,29 @@ pub struct Stack {
     pub decoder: Arc<Sim>,
     pub app: Arc<App>,
     pub client: reqwest::Client,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// The proxy's flags for one prefiller and one decoder.
+pub fn upstream_flags(
+    prefill_host: &str,
+    prefill_port: u16,
+    decode_host: &str,
+    decode_port: u16,
+) -> Vec<String> {
+    [
+        "--prefiller-host",
+        prefill_host,
+        "--prefiller-port",
+        &prefill_port.to_string(),
+        "--decoder-host",
+        decode_host,
+        "--decoder-port",
+        &decode_port.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 pub async fn bind() -> TcpListener {
@@ -66,18 +88,8 @@ pub async fn start_with(
     tokio::spawn(Arc::clone(&prefiller).serve_prefiller(p));
     tokio::spawn(Arc::clone(&decoder).serve_decoder(d));
 
-    let upstream_flags = ports(pp, dp).unwrap_or_else(|| {
-        vec![
-            "--prefiller-host".into(),
-            "127.0.0.1".into(),
-            "--prefiller-port".into(),
-            pp.to_string(),
-            "--decoder-host".into(),
-            "127.0.0.1".into(),
-            "--decoder-port".into(),
-            dp.to_string(),
-        ]
-    });
+    let upstream_flags =
+        ports(pp, dp).unwrap_or_else(|| upstream_flags("127.0.0.1", pp, "127.0.0.1", dp));
     let mut argv: Vec<String> = vec!["pd-proxy".into()];
     argv.extend(upstream_flags);
     argv.extend(extra.iter().map(|s| s.to_string()));
@@ -85,7 +97,7 @@ pub async fn start_with(
     let app = App::new(config);
     let url = format!("http://{}", public.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(pd_proxy::serve(
+    let server = tokio::spawn(pd_proxy::serve(
         Listeners { public, telemetry },
         Arc::clone(&app),
         async move {
@@ -99,11 +111,22 @@ pub async fn start_with(
         decoder,
         app,
         client: reqwest::Client::new(),
-        _stop: stop,
+        stop: Some(stop),
+        server: Some(server),
     }
 }
 
 impl Stack {
+    /// Signals shutdown and waits (bounded) for `serve` to return.
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        let _ = self.stop.take().expect("shut down once").send(());
+        let server = self.server.take().expect("shut down once");
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("serve returns once drained")
+            .expect("serve does not panic")
+    }
+
     pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
         self.client
             .post(format!("{}{path}", self.url))
