@@ -524,7 +524,13 @@ struct RelayBody {
     /// A non-SSE upstream failure, reported after the batch.
     error: Option<hyper::Error>,
     finished: bool,
+    /// The last bytes relayed: a client may close as soon as it reads
+    /// `data: [DONE]`, before the decoder's final chunk, and that answer
+    /// was complete.
+    tail: [u8; DONE.len()],
 }
+
+const DONE: &[u8; 14] = b"data: [DONE]\n\n";
 
 /// hyper's server writes at most this many buffers in one `writev`.
 const MAX_BATCH: usize = 16;
@@ -554,6 +560,7 @@ impl RelayBody {
             upstream_done: false,
             error: None,
             finished: false,
+            tail: [0; DONE.len()],
         }
     }
 
@@ -590,6 +597,23 @@ impl RelayBody {
             }
         }
         self.ends_cleanly = data.ends_with(b"\n\n");
+        let keep = data.len().min(DONE.len());
+        self.tail.copy_within(keep.., 0);
+        let at = DONE.len() - keep;
+        self.tail[at..].copy_from_slice(&data[data.len() - keep..]);
+    }
+
+    /// Everything the decoder sent has been handed to hyper.
+    fn drained(&self) -> bool {
+        self.batch.is_empty()
+            && self.error.is_none()
+            && (self.upstream_done || self.inner.is_end_stream())
+    }
+
+    fn mark_completed(&mut self) {
+        if self.log.outcome == Outcome::Running {
+            self.log.outcome = Outcome::Completed;
+        }
     }
 
     fn upstream_failed(&mut self, err: hyper::Error) {
@@ -638,6 +662,14 @@ impl RelayBody {
     }
 }
 
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        if self.sse && &self.tail == DONE {
+            self.mark_completed();
+        }
+    }
+}
+
 impl http_body::Body for RelayBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -655,20 +687,23 @@ impl http_body::Body for RelayBody {
             std::task::ready!(this.gather(cx));
         }
         if let Some(frame) = this.batch.pop_front() {
+            // With a Content-Length, hyper stops polling after the last
+            // byte, so completion is decided here, not at `None`.
+            if this.drained() {
+                this.mark_completed();
+            }
             return Poll::Ready(Some(Ok(frame)));
         }
         this.finished = true;
         if let Some(err) = this.error.take() {
             return Poll::Ready(Some(Err(err)));
         }
-        if this.log.outcome == Outcome::Running {
-            this.log.outcome = Outcome::Completed;
-        }
+        this.mark_completed();
         Poll::Ready(None)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished
+        self.finished || self.drained()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -621,3 +621,69 @@ async fn upstream_auth_is_the_configured_key_else_the_clients() {
         "Bearer client-token"
     );
 }
+
+/// Clients close as soon as they have the whole answer (urllib after the
+/// Content-Length, the OpenAI SDK after `[DONE]`); that is a completed
+/// request, not a disconnect.
+#[tokio::test]
+async fn complete_answers_count_as_200_even_when_the_client_closes_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let s = start(SimConfig::default(), &[]).await;
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    for (stream, end) in [(false, &b"}"[..]), (true, &b"data: [DONE]\n\n"[..])] {
+        let body = serde_json::to_vec(&chat_body(stream)).unwrap();
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tcp.write_all(&body).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Read up to the answer's last meaningful byte, then hang up.
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed early: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen);
+            let Some((_, payload)) = text.split_once("\r\n\r\n") else {
+                continue;
+            };
+            if stream && payload.contains("data: [DONE]\n\n") {
+                break;
+            }
+            if !stream
+                && payload
+                    .trim_end()
+                    .ends_with(std::str::from_utf8(end).unwrap())
+            {
+                break;
+            }
+        }
+        drop(tcp);
+    }
+    wait_until("both requests counted", || async {
+        let m = s.metrics().await;
+        metric_value(
+            &m,
+            "pd_proxy_requests_total{endpoint=\"chat\",status=\"200\"}",
+        ) == 2.0
+    })
+    .await;
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "pd_proxy_requests_total{endpoint=\"chat\",status=\"499\"}"
+        ),
+        0.0
+    );
+    assert_eq!(metric_value(&m, "pd_proxy_client_disconnects_total"), 0.0);
+    s.assert_drained().await;
+}
