@@ -1,0 +1,449 @@
+#!/usr/bin/env bash
+# Start the real disaggregated stack on one machine, in the seed's order:
+#   mooncake_master -> lmcache server -> pd-proxy -> vLLM decoder -> vLLM prefiller
+# waiting for each to be ready before starting the next.
+#
+#   deploy/up.sh [--dry-run]
+#
+# Settings: deploy/pd.env (every one overridable from the environment, e.g.
+# `PD_PROFILE=cpu PD_PROXY_PORT=9000 deploy/up.sh`). Before starting anything
+# up.sh checks the seed's "Port and Configuration Checklist" and refuses with
+# a message naming each problem (exit 2): invalid or colliding ports,
+# Mooncake's HTTP metadata server on LMCache's HTTP port, ports already in
+# use, missing binaries/model/RDMA device/LMCache Mooncake extension, a stack
+# already running in PD_RUN_DIR. Values that must agree are derived, not set:
+# the prefiller's telemetry endpoint from PD_TELEMETRY_PORT, the adapter's
+# master_server_addr from PD_MASTER_RPC_PORT, the proxy's upstream ports from
+# the vLLM ports.
+#
+# Each process runs in its own process group (setsid), with its log
+# (NAME.log), PID file (NAME.pid) and command line (NAME.cmd) in PD_RUN_DIR.
+# If a process fails to come up, up.sh prints its log tail, stops what it
+# started (deploy/down.sh) and exits 1. Stop the stack with deploy/down.sh.
+#
+# --dry-run prints every command exactly as it would run (environment
+# included), checks the configuration, reports host problems (busy ports,
+# missing binaries) as warnings, and starts nothing.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$here")
+
+dry_run=false
+for arg in "$@"; do
+  case "$arg" in
+    -n | --dry-run) dry_run=true ;;
+    -h | --help)
+      sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "up.sh: unknown argument '$arg' (usage: deploy/up.sh [--dry-run])" >&2
+      exit 2
+      ;;
+  esac
+done
+
+# shellcheck source-path=SCRIPTDIR source=pd.env
+. "$here/pd.env"
+
+say() { echo "up.sh: $*"; }
+
+# ---------------------------------------------------------------------------
+# 1. The checklist. Configuration problems are always fatal; host problems
+#    (the machine as it is now) are fatal unless --dry-run.
+# ---------------------------------------------------------------------------
+config_problems=()
+host_problems=()
+l2_note=""
+config_problem() { config_problems+=("$*"); }
+host_problem() { host_problems+=("$*"); }
+
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+# (pd.env refused any PD_PROFILE but gpu and cpu.)
+
+# Every port of the stack, by the setting that holds it.
+port_vars=(PD_MASTER_RPC_PORT PD_MASTER_METRICS_PORT PD_LMCACHE_PORT
+  PD_LMCACHE_HTTP_PORT PD_PROXY_PORT PD_TELEMETRY_PORT PD_PREFILL_PORT
+  PD_DECODE_PORT)
+if [ "$PD_LMCACHE_DISABLE_METRICS" != 1 ]; then
+  port_vars+=(PD_LMCACHE_PROMETHEUS_PORT)
+fi
+
+# HTTP metadata instead of P2PHANDSHAKE: mooncake_master serves it, on the
+# URL's port (8080 when the URL has none -- LMCache's HTTP port by default).
+http_metadata_port=""
+case "$PD_MOONCAKE_METADATA_SERVER" in
+  P2PHANDSHAKE) ;;
+  http://*)
+    hostport=${PD_MOONCAKE_METADATA_SERVER#http://}
+    hostport=${hostport%%/*}
+    if [[ "$hostport" == *:* ]]; then http_metadata_port=${hostport##*:}; else http_metadata_port=80; fi
+    # shellcheck disable=SC2034 # read through ${!var} below
+    PD_HTTP_METADATA_PORT=$http_metadata_port
+    port_vars+=(PD_HTTP_METADATA_PORT)
+    if [ "$http_metadata_port" = "$PD_LMCACHE_HTTP_PORT" ]; then
+      config_problem "Mooncake HTTP metadata server ($PD_MOONCAKE_METADATA_SERVER) is on port $http_metadata_port, which is LMCache's HTTP port (PD_LMCACHE_HTTP_PORT): move one of them (or use PD_MOONCAKE_METADATA_SERVER=P2PHANDSHAKE)"
+    fi
+    ;;
+  *) config_problem "PD_MOONCAKE_METADATA_SERVER='$PD_MOONCAKE_METADATA_SERVER': must be P2PHANDSHAKE or an http:// URL" ;;
+esac
+
+declare -A port_owner=()
+for var in "${port_vars[@]}"; do
+  port=${!var}
+  if ! is_uint "$port" || [ "$port" -lt 1 ] || [ "$port" -gt 65535 ]; then
+    config_problem "$var='$port': not a port number (1-65535)"
+    continue
+  fi
+  if [ -n "${port_owner[$port]:-}" ]; then
+    config_problem "port $port is set for both ${port_owner[$port]} and $var: every port of the stack must differ"
+  else
+    port_owner[$port]=$var
+  fi
+done
+
+for var in PD_LMCACHE_L1_SIZE_GB PD_GLOBAL_SEGMENT_SIZE PD_LOCAL_BUFFER_SIZE \
+  PD_START_TIMEOUT PD_LMCACHE_START_TIMEOUT PD_VLLM_START_TIMEOUT PD_STOP_TIMEOUT \
+  PD_KV_READY_TIMEOUT PD_MASTER_VERBOSE; do
+  is_uint "${!var}" || config_problem "$var='${!var}': must be a whole number"
+done
+# Importing LMCache takes seconds: ask once.
+lmcache_mooncake_state=""
+lmcache_mooncake_ok() {
+  if [ -z "$lmcache_mooncake_state" ]; then
+    if "$PD_PYTHON" -c 'import lmcache.lmcache_mooncake' >/dev/null 2>&1; then
+      lmcache_mooncake_state=yes
+    else
+      lmcache_mooncake_state=no
+    fi
+  fi
+  [ "$lmcache_mooncake_state" = yes ]
+}
+case "$PD_LMCACHE_L2" in
+  none | mooncake_store) ;;
+  auto)
+    if lmcache_mooncake_ok; then PD_LMCACHE_L2=mooncake_store; else PD_LMCACHE_L2=none; fi
+    l2_note="PD_LMCACHE_L2=auto -> $PD_LMCACHE_L2"
+    [ "$PD_LMCACHE_L2" = mooncake_store ] || l2_note+=" (lmcache.lmcache_mooncake not importable: LMCache runs with its CPU L1 only)"
+    ;;
+  *) config_problem "PD_LMCACHE_L2='$PD_LMCACHE_L2': must be 'mooncake_store', 'none' or 'auto'" ;;
+esac
+case "$PD_MOONCAKE_PROTOCOL" in
+  tcp) ;;
+  rdma) [ -n "$PD_RDMA_DEVICE" ] || config_problem "PD_MOONCAKE_PROTOCOL=rdma needs PD_RDMA_DEVICE" ;;
+  *) config_problem "PD_MOONCAKE_PROTOCOL='$PD_MOONCAKE_PROTOCOL': must be 'rdma' or 'tcp'" ;;
+esac
+case "$PD_ON_KV_TIMEOUT" in
+  decode | fail) ;;
+  *) config_problem "PD_ON_KV_TIMEOUT='$PD_ON_KV_TIMEOUT': must be 'decode' or 'fail'" ;;
+esac
+case "$PD_LMCACHE_TRANSFER_MODE" in
+  "" | auto | lmcache_driven | engine_driven) ;;
+  *) config_problem "PD_LMCACHE_TRANSFER_MODE='$PD_LMCACHE_TRANSFER_MODE': must be auto, lmcache_driven or engine_driven" ;;
+esac
+if [ "$PD_PROFILE" = cpu ] && [ "$PD_LMCACHE_TRANSFER_MODE" != auto ] && [ "$PD_LMCACHE_TRANSFER_MODE" != engine_driven ]; then
+  config_problem "PD_PROFILE=cpu needs PD_LMCACHE_TRANSFER_MODE=auto (vLLM's CPU worker uses engine_driven transfers; without it vLLM hangs at start)"
+fi
+if [ "$PD_PROFILE" = gpu ] && [ "$PD_PREFILL_GPU" = "$PD_DECODE_GPU" ]; then
+  config_problem "PD_PREFILL_GPU and PD_DECODE_GPU are both '$PD_PREFILL_GPU': the prefiller and decoder need different GPUs"
+fi
+[ -n "$PD_MODEL" ] || config_problem "PD_MODEL is empty"
+
+# Addresses the stack's own clients use (a wildcard bind is reached on loopback).
+connect_host() { case "$1" in 0.0.0.0 | "::" | "") echo 127.0.0.1 ;; *) echo "$1" ;; esac; }
+host=$(connect_host "$PD_HOST")
+lmcache_host=$(connect_host "$PD_LMCACHE_HOST")
+master_host=$(connect_host "$PD_MASTER_HOST")
+
+# Derived values (the checklist's "must match" pairs).
+telemetry_endpoint="http://$host:$PD_TELEMETRY_PORT/api/v1/telemetry"
+master_server_addr="$master_host:$PD_MASTER_RPC_PORT"
+kv_transfer_config=$(printf '{"kv_connector":"LMCacheMPConnector","kv_role":"kv_both","kv_connector_extra_config":{"lmcache.mp.host":"tcp://%s","lmcache.mp.port":%s}}' \
+  "$lmcache_host" "$PD_LMCACHE_PORT")
+
+# -- host checks -------------------------------------------------------------
+need_bin() { # var
+  local path=${!1}
+  if ! command -v "$path" >/dev/null 2>&1; then
+    if [ "$PD_PROFILE" = cpu ]; then
+      host_problem "$1='$path' not found: run deploy/setup-cpu.sh (or set $1)"
+    else
+      host_problem "$1='$path' not found: install it or set $1"
+    fi
+  fi
+}
+need_bin PD_MOONCAKE_MASTER_BIN
+need_bin PD_LMCACHE_BIN
+need_bin PD_VLLM_BIN
+if [ -n "$PD_PROXY_BIN" ]; then
+  [ -x "$PD_PROXY_BIN" ] || host_problem "PD_PROXY_BIN='$PD_PROXY_BIN' is not an executable file"
+elif ! command -v cargo >/dev/null 2>&1; then
+  host_problem "cargo not found: install the Rust toolchain or set PD_PROXY_BIN to a pd-proxy binary"
+fi
+if [ "$PD_PROFILE" = cpu ] && [ ! -f "$PD_MODEL/config.json" ]; then
+  host_problem "PD_MODEL='$PD_MODEL' has no config.json: run deploy/setup-cpu.sh to make the tiny model"
+fi
+if [ "$PD_LMCACHE_L2" = mooncake_store ]; then
+  if [ "$PD_MOONCAKE_PROTOCOL" = rdma ] && [ ! -e "/sys/class/infiniband/$PD_RDMA_DEVICE" ]; then
+    host_problem "RDMA device PD_RDMA_DEVICE='$PD_RDMA_DEVICE' not found in /sys/class/infiniband (set PD_RDMA_DEVICE, or PD_MOONCAKE_PROTOCOL=tcp)"
+  fi
+  if ! lmcache_mooncake_ok; then
+    host_problem "PD_LMCACHE_L2=mooncake_store needs LMCache's native lmcache.lmcache_mooncake extension, which '$PD_PYTHON' cannot import (prebuilt LMCache wheels lack it: build LMCache with BUILD_MOONCAKE=1, see deploy/README.md), or set PD_LMCACHE_L2=none"
+  fi
+fi
+
+port_in_use() { # port: true if something listens on it (any address)
+  if command -v ss >/dev/null 2>&1; then
+    [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
+}
+for var in "${port_vars[@]}"; do
+  port=${!var}
+  is_uint "$port" || continue
+  if port_in_use "$port"; then
+    host_problem "port $port ($var) is already in use$(command -v ss >/dev/null && ss -Hltnp "sport = :$port" 2>/dev/null | grep -o 'users:(([^)]*' | head -1 | sed 's/^users:((/ by /')"
+  fi
+done
+
+names=(mooncake_master lmcache pd-proxy decoder prefiller)
+for name in "${names[@]}"; do
+  pidfile="$PD_RUN_DIR/$name.pid"
+  if [ -f "$pidfile" ] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; then
+    host_problem "$name from a previous up.sh is still running (process group $(cat "$pidfile"), $pidfile): run deploy/down.sh first"
+  fi
+done
+
+if [ ${#config_problems[@]} -gt 0 ] || { ! $dry_run && [ ${#host_problems[@]} -gt 0 ]; }; then
+  echo "up.sh: refusing to start (PD_PROFILE=$PD_PROFILE); fix these first:" >&2
+  for p in "${config_problems[@]}" "${host_problems[@]}"; do echo "  - $p" >&2; done
+  exit 2
+fi
+if [ ${#host_problems[@]} -gt 0 ]; then
+  echo "# up.sh --dry-run: a real run would refuse to start because of:"
+  for p in "${host_problems[@]}"; do echo "#   - $p"; done
+fi
+
+# ---------------------------------------------------------------------------
+# 2. The commands.
+# ---------------------------------------------------------------------------
+if [ -n "$PD_PROXY_BIN" ]; then
+  proxy_bin=$PD_PROXY_BIN
+  build_cmd=()
+else
+  target_dir=${CARGO_TARGET_DIR:-$repo/target}
+  case "$target_dir" in /*) ;; *) target_dir="$repo/$target_dir" ;; esac
+  proxy_bin="$target_dir/release/pd-proxy"
+  build_cmd=(cargo build --release --bin pd-proxy)
+fi
+
+master_cmd=("$PD_MOONCAKE_MASTER_BIN" -v="$PD_MASTER_VERBOSE"
+  --rpc_address="$PD_MASTER_HOST" --rpc_port="$PD_MASTER_RPC_PORT"
+  --metrics_host="$PD_HOST" --metrics_port="$PD_MASTER_METRICS_PORT")
+if [ -n "$http_metadata_port" ]; then
+  master_cmd+=(--enable_http_metadata_server=true
+    --http_metadata_server_host="$PD_HOST" --http_metadata_server_port="$http_metadata_port")
+fi
+
+lmcache_cmd=(env LMCACHE_DISABLE_BANNER=1 "$PD_LMCACHE_BIN" server
+  --host "$PD_LMCACHE_HOST" --port "$PD_LMCACHE_PORT"
+  --http-host "$PD_LMCACHE_HOST" --http-port "$PD_LMCACHE_HTTP_PORT"
+  --l1-size-gb "$PD_LMCACHE_L1_SIZE_GB" --eviction-policy "$PD_LMCACHE_EVICTION")
+if [ "$PD_LMCACHE_L1_LAZY" = 1 ]; then lmcache_cmd+=(--l1-use-lazy); else lmcache_cmd+=(--no-l1-use-lazy); fi
+[ -z "$PD_LMCACHE_TRANSFER_MODE" ] || lmcache_cmd+=(--supported-transfer-mode "$PD_LMCACHE_TRANSFER_MODE")
+if [ "$PD_LMCACHE_DISABLE_METRICS" = 1 ]; then
+  lmcache_cmd+=(--disable-metrics)
+else
+  lmcache_cmd+=(--prometheus-port "$PD_LMCACHE_PROMETHEUS_PORT")
+fi
+if [ "$PD_LMCACHE_L2" = mooncake_store ]; then
+  rdma_field=""
+  [ "$PD_MOONCAKE_PROTOCOL" != rdma ] || rdma_field=$(printf ',"rdma_devices":"%s"' "$PD_RDMA_DEVICE")
+  l2_adapter=$(printf '{"type":"mooncake_store","local_hostname":"%s","metadata_server":"%s","protocol":"%s"%s,"global_segment_size":%s,"local_buffer_size":%s,"master_server_addr":"%s"}' \
+    "$PD_LOCAL_HOSTNAME" "$PD_MOONCAKE_METADATA_SERVER" "$PD_MOONCAKE_PROTOCOL" "$rdma_field" \
+    "$PD_GLOBAL_SEGMENT_SIZE" "$PD_LOCAL_BUFFER_SIZE" "$master_server_addr")
+  lmcache_cmd+=(--l2-adapter "$l2_adapter")
+fi
+
+proxy_cmd=("$proxy_bin" --host "$PD_HOST" --port "$PD_PROXY_PORT"
+  --prefiller-host "$host" --prefiller-port "$PD_PREFILL_PORT"
+  --decoder-host "$host" --decoder-port "$PD_DECODE_PORT"
+  --telemetry-host "$PD_HOST" --telemetry-port "$PD_TELEMETRY_PORT"
+  --kv-ready-timeout "$PD_KV_READY_TIMEOUT" --on-kv-timeout "$PD_ON_KV_TIMEOUT")
+
+vllm_cmd() { # role port gpu -> sets vllm_cmd_out
+  local role=$1 port=$2 gpu=$3
+  local -a envs=()
+  if [ "$PD_PROFILE" = cpu ]; then
+    envs+=(VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE="$PD_VLLM_CPU_KVCACHE_SPACE" HF_HUB_OFFLINE=1)
+  else
+    envs+=(CUDA_VISIBLE_DEVICES="$gpu")
+  fi
+  envs+=(LMCACHE_DISABLE_BANNER=1)
+  if [ "$role" = prefiller ]; then
+    envs+=(LMCACHE_REQUEST_TELEMETRY_TYPE="$PD_TELEMETRY_TYPE"
+      LMCACHE_REQUEST_TELEMETRY_ENDPOINT="$telemetry_endpoint")
+  fi
+  vllm_cmd_out=(env "${envs[@]}" "$PD_VLLM_BIN" serve "$PD_MODEL"
+    --host "$PD_HOST" --port "$port")
+  [ -z "$PD_SERVED_MODEL_NAME" ] || vllm_cmd_out+=(--served-model-name "$PD_SERVED_MODEL_NAME")
+  local -a extra=()
+  # PD_VLLM_ARGS is a space-separated list of extra flags.
+  read -r -a extra <<<"$PD_VLLM_ARGS"
+  vllm_cmd_out+=("${extra[@]}" --no-enable-log-requests --no-enable-prefix-caching
+    --kv-transfer-config "$kv_transfer_config")
+}
+vllm_cmd decoder "$PD_DECODE_PORT" "$PD_DECODE_GPU"
+decoder_cmd=("${vllm_cmd_out[@]}")
+vllm_cmd prefiller "$PD_PREFILL_PORT" "$PD_PREFILL_GPU"
+prefiller_cmd=("${vllm_cmd_out[@]}")
+
+# A command line that a shell runs as is: plain words bare, others in '...'.
+show() {
+  local out="" word
+  for word in "$@"; do
+    if [[ "$word" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+      out+="$word "
+    else
+      out+="'${word//\'/\'\\\'\'}' "
+    fi
+  done
+  printf '%s' "${out% }"
+}
+
+if $dry_run; then
+  echo "# PD_PROFILE=$PD_PROFILE; each command runs as: setsid COMMAND </dev/null >PD_RUN_DIR/NAME.log 2>&1 &"
+  [ -z "$l2_note" ] || echo "# $l2_note"
+  echo "# PD_RUN_DIR=$PD_RUN_DIR"
+  if [ ${#build_cmd[@]} -gt 0 ]; then
+    echo "# build pd-proxy (in $repo):"
+    show "${build_cmd[@]}"
+    echo
+  fi
+  echo "# 1. mooncake_master (ready: GET http://$host:$PD_MASTER_METRICS_PORT/health)"
+  show "${master_cmd[@]}"; echo
+  echo "# 2. lmcache (ready: GET http://$lmcache_host:$PD_LMCACHE_HTTP_PORT/)"
+  show "${lmcache_cmd[@]}"; echo
+  echo "# 3. pd-proxy (ready: GET http://$host:$PD_PROXY_PORT/health)"
+  show "${proxy_cmd[@]}"; echo
+  echo "# 4. decoder (ready: GET http://$host:$PD_DECODE_PORT/health)"
+  show "${decoder_cmd[@]}"; echo
+  echo "# 5. prefiller (ready: GET http://$host:$PD_PREFILL_PORT/health)"
+  show "${prefiller_cmd[@]}"; echo
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------
+# 3. Start, in order, waiting for each.
+# ---------------------------------------------------------------------------
+mkdir -p "$PD_RUN_DIR"
+rm -f "$PD_RUN_DIR"/*.pid "$PD_RUN_DIR"/*.log "$PD_RUN_DIR"/*.cmd "$PD_RUN_DIR/stack.env"
+[ -z "$l2_note" ] || say "$l2_note"
+
+if [ ${#build_cmd[@]} -gt 0 ]; then
+  say "building pd-proxy: $(show "${build_cmd[@]}")"
+  (cd "$repo" && "${build_cmd[@]}")
+fi
+[ -x "$proxy_bin" ] || {
+  echo "up.sh: no pd-proxy binary at $proxy_bin" >&2
+  exit 1
+}
+
+# Everything that was started stops again if a later step fails.
+started=false
+on_exit() {
+  local rc=$?
+  if [ "$rc" -ne 0 ] && $started && [ "${PD_KEEP_ON_FAILURE:-0}" != 1 ]; then
+    say "stopping what was started (logs stay in $PD_RUN_DIR; PD_KEEP_ON_FAILURE=1 keeps it running)"
+    bash "$here/down.sh" >&2 || true
+  fi
+}
+trap on_exit EXIT
+
+launch() { # name cmd...
+  local name=$1
+  shift
+  show "$@" >"$PD_RUN_DIR/$name.cmd"
+  echo >>"$PD_RUN_DIR/$name.cmd"
+  # Not a process-group leader (no job control here), so setsid(1) does not
+  # fork: $! is the new group's leader and its id is the group's id.
+  setsid "$@" </dev/null >"$PD_RUN_DIR/$name.log" 2>&1 &
+  local pid=$!
+  echo "$pid" >"$PD_RUN_DIR/$name.pid"
+  started=true
+  say "started $name (pid $pid, log $PD_RUN_DIR/$name.log)"
+}
+
+fail_start() { # name reason
+  echo "up.sh: $1 $2; last lines of $PD_RUN_DIR/$1.log:" >&2
+  tail -n "${PD_LOG_TAIL:-60}" "$PD_RUN_DIR/$1.log" | sed "s/^/  [$1] /" >&2
+  exit 1
+}
+
+wait_http() { # name url timeout_s
+  local name=$1 url=$2 timeout=$3 pid t0
+  pid=$(cat "$PD_RUN_DIR/$name.pid")
+  t0=$SECONDS
+  while :; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      fail_start "$name" "exited during start-up (waited for $url)"
+    fi
+    if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
+      say "$name ready after $((SECONDS - t0))s ($url)"
+      return 0
+    fi
+    if [ $((SECONDS - t0)) -ge "$timeout" ]; then
+      fail_start "$name" "not ready after ${timeout}s (GET $url)"
+    fi
+    sleep 1
+  done
+}
+
+wait_port() { # name host port timeout_s
+  local name=$1 h=$2 port=$3 timeout=$4 pid t0
+  pid=$(cat "$PD_RUN_DIR/$name.pid")
+  t0=$SECONDS
+  until (exec 3<>"/dev/tcp/$h/$port") 2>/dev/null; do
+    kill -0 "$pid" 2>/dev/null || fail_start "$name" "exited during start-up (waited for port $port)"
+    [ $((SECONDS - t0)) -lt "$timeout" ] || fail_start "$name" "not listening on $h:$port after ${timeout}s"
+    sleep 1
+  done
+}
+
+t_start=$SECONDS
+launch mooncake_master "${master_cmd[@]}"
+wait_http mooncake_master "http://$host:$PD_MASTER_METRICS_PORT/health" "$PD_START_TIMEOUT"
+wait_port mooncake_master "$master_host" "$PD_MASTER_RPC_PORT" "$PD_START_TIMEOUT"
+
+launch lmcache "${lmcache_cmd[@]}"
+wait_http lmcache "http://$lmcache_host:$PD_LMCACHE_HTTP_PORT/" "$PD_LMCACHE_START_TIMEOUT"
+wait_port lmcache "$lmcache_host" "$PD_LMCACHE_PORT" "$PD_START_TIMEOUT"
+
+launch pd-proxy "${proxy_cmd[@]}"
+wait_http pd-proxy "http://$host:$PD_PROXY_PORT/health" "$PD_START_TIMEOUT"
+wait_port pd-proxy "$host" "$PD_TELEMETRY_PORT" "$PD_START_TIMEOUT"
+
+launch decoder "${decoder_cmd[@]}"
+wait_http decoder "http://$host:$PD_DECODE_PORT/health" "$PD_VLLM_START_TIMEOUT"
+
+launch prefiller "${prefiller_cmd[@]}"
+wait_http prefiller "http://$host:$PD_PREFILL_PORT/health" "$PD_VLLM_START_TIMEOUT"
+
+# What ran, for tests and tools: sourceable KEY=VALUE lines.
+{
+  for var in PD_PROFILE PD_LMCACHE_L2 PD_HOST PD_PROXY_PORT PD_TELEMETRY_PORT PD_PREFILL_PORT \
+    PD_DECODE_PORT PD_LMCACHE_PORT PD_LMCACHE_HTTP_PORT PD_MASTER_RPC_PORT PD_MASTER_METRICS_PORT \
+    PD_MODEL PD_SERVED_MODEL_NAME; do
+    printf '%s=%s\n' "$var" "$(show "${!var}")"
+  done
+  printf 'PD_CONNECT_HOST=%s\n' "$host"
+  printf 'PD_TELEMETRY_ENDPOINT=%s\n' "$telemetry_endpoint"
+} >"$PD_RUN_DIR/stack.env"
+
+say "stack up in $((SECONDS - t_start))s (PD_PROFILE=$PD_PROFILE, LMCache L2: $PD_LMCACHE_L2)"
+say "  clients:   http://$host:$PD_PROXY_PORT/v1 (model ${PD_SERVED_MODEL_NAME:-$PD_MODEL})"
+say "  telemetry: $telemetry_endpoint"
+say "  logs:      $PD_RUN_DIR/*.log; stop with deploy/down.sh"

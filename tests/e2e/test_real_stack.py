@@ -1,0 +1,363 @@
+"""End to end through the real stack: pd-proxy in front of a real vLLM
+prefiller and decoder sharing a real LMCache MP server (deploy/up.sh,
+PD_PROFILE=cpu). Proves, per request, that the decoder loaded the prompt's
+KV cache that the prefiller stored: the decoder's
+vllm:prompt_tokens_by_source_total{source="external_kv_transfer"} grows by
+at least one 256-token LMCache chunk for every request.
+
+Run by .ci/e2e; by hand, after `PD_PROFILE=cpu deploy/up.sh`:
+
+    $PD_CACHE_DIR/venv/bin/python -m pytest -v tests/e2e
+
+Tests run in file order and one request at a time, so that each counter
+delta belongs to exactly one request.
+"""
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+from openai import OpenAI
+
+from conftest import NOTES, RESULTS
+
+MIN_PROMPT_TOKENS = 300
+MAX_TOKENS = 16
+CHUNK = 256  # LMCache stores whole 256-token chunks
+EXTERNAL = 'vllm:prompt_tokens_by_source_total{'
+WORDS = (
+    "the cache stores keys and values for every token of a prompt so that a "
+    "decoder can skip the prefill a prefiller already did lmcache moves the "
+    "chunks between servers mooncake keeps them in a distributed store vllm "
+    "serves the model and the proxy parks each request until its kv is ready"
+).split()
+RUN = uuid.uuid4().hex[:12]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def http(method: str, url: str, body=None, timeout: float = 180.0):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def metric(base: str, name: str, labels: dict[str, str] | None = None, default=None) -> float:
+    """Sum of the samples of `name` (with all of `labels`) at base/metrics;
+    `default` when there is none (else that fails the test)."""
+    status, _, text = http("GET", f"{base}/metrics", timeout=10)
+    assert status == 200, f"GET {base}/metrics: {status}"
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^([^{\s]+)(\{[^}]*\})?\s+(\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        lbl = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(lbl.get(k) == v for k, v in (labels or {}).items()):
+            total += float(m.group(3))
+            found = True
+    if not found and default is not None:
+        return default
+    assert found, f"{name}{labels or ''} not in {base}/metrics"
+    return total
+
+
+def external_kv(stack) -> float:
+    return metric(
+        stack.decoder,
+        "vllm:prompt_tokens_by_source_total",
+        {"source": "external_kv_transfer"},
+    )
+
+
+def count_tokens(stack, *, messages=None, prompt=None) -> int:
+    body = {"model": stack.model}
+    if messages is not None:
+        body["messages"] = messages
+    else:
+        body["prompt"] = prompt
+    status, _, text = http("POST", f"{stack.decoder}/tokenize", body, timeout=30)
+    assert status == 200, f"/tokenize: {status} {text}"
+    return json.loads(text)["count"]
+
+
+_serial = 0
+
+
+def make_prompt(stack, kind: str, chat: bool) -> tuple[str, int]:
+    """A prompt unique from its first token on (so no chunk of it can be in
+    LMCache already), of at least MIN_PROMPT_TOKENS tokens by the served
+    model's tokenizer, leaving room for MAX_TOKENS in the context."""
+    global _serial
+    _serial += 1
+    import random
+
+    rng = random.Random(f"{RUN}-{_serial}")
+    head = f"run {RUN} request {_serial} {kind}: "
+    n_words = 330
+    for _ in range(20):
+        text = head + " ".join(rng.choice(WORDS) for _ in range(n_words))
+        if chat:
+            n = count_tokens(stack, messages=[{"role": "user", "content": text}])
+        else:
+            n = count_tokens(stack, prompt=text)
+        if n < MIN_PROMPT_TOKENS:
+            n_words += 30
+        elif n > stack.max_model_len - MAX_TOKENS - 8:
+            n_words -= 30
+        else:
+            return text, n
+    raise AssertionError("could not size a prompt between the limits")
+
+
+def wait_external_delta(stack, before: float, at_least: int, timeout: float = 15.0) -> int:
+    """The decoder counts prompt tokens when it schedules the request; allow
+    the metric a moment to catch up, then return the delta."""
+    deadline = time.monotonic() + timeout
+    delta = external_kv(stack) - before
+    while delta < at_least and time.monotonic() < deadline:
+        time.sleep(0.25)
+        delta = external_kv(stack) - before
+    return int(delta)
+
+
+def parse_sse(text: str) -> list:
+    """Every `data:` event of an SSE body; asserts the stream ends with [DONE]
+    and that no event is an error."""
+    events = [
+        line[len("data: "):]
+        for line in text.split("\n")
+        if line.startswith("data: ")
+    ]
+    assert events, f"no SSE events in {text[:300]!r}"
+    assert events[-1] == "[DONE]", f"stream does not end with [DONE]: {text[-300:]!r}"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for c in chunks:
+        assert "error" not in c, f"error event in stream: {c}"
+    return chunks
+
+
+def record(kind: str, prompt_tokens: int, ext: int, secs: float) -> None:
+    RESULTS.append((kind, prompt_tokens, ext, secs))
+    print(f"{kind}: prompt {prompt_tokens} tokens, external KV {ext} tokens, {secs:.2f}s")
+    assert ext >= CHUNK, (
+        f"{kind}: the decoder loaded only {ext} external KV tokens "
+        f"(prompt {prompt_tokens} tokens); expected >= {CHUNK}"
+    )
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_stack_is_up(stack):
+    for base in (stack.proxy, stack.prefiller, stack.decoder):
+        status, _, _ = http("GET", f"{base}/health", timeout=10)
+        assert status == 200, f"{base}/health: {status}"
+    status, _, text = http("GET", f"{stack.proxy}/v1/models")
+    assert status == 200 and stack.model in text, text
+    assert metric(stack.proxy, "pd_proxy_pending_requests") == 0
+
+
+def test_decoder_alone_loads_no_external_kv(stack):
+    """Control: a fresh prompt sent straight to the decoder (no prefill) finds
+    nothing in LMCache, so the counter only moves because of the prefill."""
+    text, _ = make_prompt(stack, "control", chat=True)
+    before = external_kv(stack)
+    status, _, body = http(
+        "POST",
+        f"{stack.decoder}/v1/chat/completions",
+        {"model": stack.model, "messages": [{"role": "user", "content": text}], "max_tokens": 1},
+    )
+    assert status == 200, body
+    time.sleep(1)
+    assert external_kv(stack) - before == 0
+
+
+@pytest.mark.parametrize("i", [1, 2])
+def test_chat_stream(stack, i):
+    text, n = make_prompt(stack, f"chat-stream-{i}", chat=True)
+    before, t0 = external_kv(stack), time.monotonic()
+    status, headers, body = http(
+        "POST",
+        f"{stack.proxy}/v1/chat/completions",
+        {
+            "model": stack.model,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": MAX_TOKENS,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    secs = time.monotonic() - t0
+    assert status == 200, body
+    assert headers.get("content-type", "").startswith("text/event-stream"), headers
+    chunks = parse_sse(body)
+    rid = headers.get("x-request-id")
+    assert rid and all(c["id"] == f"chatcmpl-{rid}" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finish[-1] in ("length", "stop"), finish
+    usage = chunks[-1]["usage"]
+    assert usage["prompt_tokens"] == n, usage
+    record(f"chat stream {i}", n, wait_external_delta(stack, before, CHUNK), secs)
+
+
+@pytest.mark.parametrize("i", [1, 2])
+def test_chat_non_stream(stack, i):
+    text, n = make_prompt(stack, f"chat-{i}", chat=True)
+    before, t0 = external_kv(stack), time.monotonic()
+    status, headers, body = http(
+        "POST",
+        f"{stack.proxy}/v1/chat/completions",
+        {"model": stack.model, "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS},
+    )
+    secs = time.monotonic() - t0
+    assert status == 200, body
+    resp = json.loads(body)
+    assert resp["id"] == f"chatcmpl-{headers.get('x-request-id')}"
+    choice = resp["choices"][0]
+    assert choice["finish_reason"] in ("length", "stop"), choice
+    assert isinstance(choice["message"]["content"], str)
+    assert resp["usage"]["prompt_tokens"] == n
+    if choice["finish_reason"] == "length":
+        assert resp["usage"]["completion_tokens"] == MAX_TOKENS
+    record(f"chat non-stream {i}", n, wait_external_delta(stack, before, CHUNK), secs)
+
+
+@pytest.mark.parametrize("i", [1, 2])
+def test_completions_stream(stack, i):
+    text, n = make_prompt(stack, f"completions-stream-{i}", chat=False)
+    before, t0 = external_kv(stack), time.monotonic()
+    status, headers, body = http(
+        "POST",
+        f"{stack.proxy}/v1/completions",
+        {"model": stack.model, "prompt": text, "max_tokens": MAX_TOKENS, "stream": True},
+    )
+    secs = time.monotonic() - t0
+    assert status == 200, body
+    assert headers.get("content-type", "").startswith("text/event-stream"), headers
+    chunks = parse_sse(body)
+    assert all(c["id"] == f"cmpl-{headers.get('x-request-id')}" for c in chunks)
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finish[-1] in ("length", "stop"), finish
+    record(f"completions stream {i}", n, wait_external_delta(stack, before, CHUNK), secs)
+
+
+def test_openai_sdk_chat_stream(stack):
+    client = OpenAI(base_url=f"{stack.proxy}/v1", api_key="unused", max_retries=0, timeout=180)
+    text, n = make_prompt(stack, "sdk-chat-stream", chat=True)
+    before, t0 = external_kv(stack), time.monotonic()
+    stream = client.chat.completions.create(
+        model=stack.model,
+        messages=[{"role": "user", "content": text}],
+        max_tokens=MAX_TOKENS,
+        stream=True,
+    )
+    finish, pieces = None, []
+    for chunk in stream:  # the SDK stops at [DONE]; an error event raises
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    secs = time.monotonic() - t0
+    assert finish in ("length", "stop"), finish
+    record("sdk chat stream", n, wait_external_delta(stack, before, CHUNK), secs)
+
+
+def test_openai_sdk_completions(stack):
+    client = OpenAI(base_url=f"{stack.proxy}/v1", api_key="unused", max_retries=0, timeout=180)
+    text, n = make_prompt(stack, "sdk-completions", chat=False)
+    before, t0 = external_kv(stack), time.monotonic()
+    resp = client.completions.create(model=stack.model, prompt=text, max_tokens=MAX_TOKENS)
+    secs = time.monotonic() - t0
+    assert resp.choices[0].finish_reason in ("length", "stop")
+    assert resp.usage.prompt_tokens == n
+    record("sdk completions", n, wait_external_delta(stack, before, CHUNK), secs)
+
+
+def test_every_request_reused_kv_and_proxy_is_clean(stack):
+    assert len(RESULTS) >= 8, f"only {len(RESULTS)} requests were recorded"
+    assert all(ext >= CHUNK for _, _, ext, _ in RESULTS)
+    assert metric(stack.proxy, "pd_proxy_kv_ready_timeouts_total") == 0
+    # The parked-request gauge returns to 0 once every answer is relayed.
+    deadline = time.monotonic() + 5
+    while metric(stack.proxy, "pd_proxy_pending_requests") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(stack.proxy, "pd_proxy_pending_requests") == 0
+    answered = metric(stack.proxy, "pd_proxy_requests_total", {"status": "200"}, 0) + metric(
+        stack.proxy, "pd_proxy_requests_total", {"status": "499"}, 0
+    )
+    assert answered >= len(RESULTS), f"pd_proxy_requests_total{{status=200|499}} = {answered}"
+    assert metric(stack.proxy, "pd_proxy_telemetry_events_total") >= len(RESULTS)
+    assert metric(stack.proxy, "pd_proxy_telemetry_unknown_ids_total", default=0) == 0
+
+
+def test_kv_from_l2_after_l1_is_cleared(stack):
+    """The L2 path: a prompt goes through pd-proxy (its KV lands in LMCache's
+    L1, and in Mooncake Store when the mooncake_store adapter runs); LMCache's
+    L1 is then cleared (POST /cache/clear) and the same prompt goes straight
+    to the decoder. With Mooncake Store as L2 the decoder still loads the KV
+    (LMCache prefetches it from Mooncake); with L1 only it loads none."""
+    text, n = make_prompt(stack, "l2-round-trip", chat=False)
+    body = {"model": stack.model, "prompt": text, "max_tokens": 4}
+    before = external_kv(stack)
+    status, _, out = http("POST", f"{stack.proxy}/v1/completions", body)
+    assert status == 200, out
+    via_proxy = wait_external_delta(stack, before, CHUNK)
+    assert via_proxy >= CHUNK
+    status, _, out = http("POST", f"{stack.lmcache}/cache/clear", {})
+    assert status == 200, out
+    before = external_kv(stack)
+    status, _, out = http("POST", f"{stack.decoder}/v1/completions", body)
+    assert status == 200, out
+    if stack.lmcache_l2 == "mooncake_store":
+        from_l2 = wait_external_delta(stack, before, CHUNK)
+        NOTES.append(
+            f"L2 round trip: {via_proxy} external KV tokens via pd-proxy; after clearing "
+            f"LMCache's L1 the decoder alone loaded {from_l2} from Mooncake Store"
+        )
+        assert from_l2 >= CHUNK, f"after the L1 clear the decoder loaded {from_l2} tokens from L2"
+    else:
+        time.sleep(1)
+        from_l1_only = int(external_kv(stack) - before)
+        NOTES.append(
+            f"L1 clear: {via_proxy} external KV tokens via pd-proxy; after clearing LMCache's "
+            f"L1 (no L2) the decoder alone loaded {from_l1_only}"
+        )
+        assert from_l1_only == 0
+
+
+def test_mooncake(stack):
+    """mooncake_master runs for real; with LMCache's mooncake_store L2 adapter
+    every request's chunks also landed in Mooncake Store (master_key_count)."""
+    status, _, body = http("GET", f"{stack.master}/health", timeout=10)
+    assert status == 200 and '"status":"ok"' in body.replace(" ", ""), body
+    keys = metric(stack.master, "master_key_count")
+    allocated = metric(stack.master, "master_allocated_bytes")
+    NOTES.append(
+        f"Mooncake: master healthy; LMCache L2 = {stack.lmcache_l2}; "
+        f"master_key_count {keys:.0f}, master_allocated_bytes {allocated:.0f}"
+    )
+    if stack.lmcache_l2 == "mooncake_store":
+        # One key (or more) per request of RESULTS, plus the control and L2 prompts.
+        assert keys >= len(RESULTS), f"Mooncake Store holds {keys} keys for {len(RESULTS)} requests"
+    else:
+        assert keys == 0
+
+
+def test_complete_answers_are_counted_as_200(stack):
+    """Clients hang up right after the last byte (urllib after the
+    Content-Length, the SDK after [DONE]): still a completed request."""
+    assert metric(stack.proxy, "pd_proxy_requests_total", {"status": "499"}, 0) == 0
