@@ -220,9 +220,12 @@ enum Phase {
 /// Produces a vLLM SSE stream lazily, one event per body frame, sleeping
 /// between tokens inside the body so that headers go out first (as with
 /// uvicorn's StreamingResponse) and so a client that leaves drops the
-/// generator mid-way.
+/// generator mid-way. Token k is due at a fixed time after the response
+/// started, like an engine's steady decode cadence: timer lateness does not
+/// add up over a long stream, so "simulated time" stays what it says.
 pub(crate) struct EventGen {
     sim: Arc<Sim>,
+    epoch: tokio::time::Instant,
     plan: Plan,
     timing: Timing,
     phase: Phase,
@@ -234,6 +237,7 @@ impl EventGen {
     pub fn new(sim: Arc<Sim>, plan: Plan, timing: Timing, hooks: Hooks) -> Self {
         EventGen {
             sim,
+            epoch: tokio::time::Instant::now(),
             plan,
             timing,
             phase: Phase::Start,
@@ -246,11 +250,20 @@ impl EventGen {
         axum::body::Body::from_stream(futures_util::stream::unfold(self, Self::next_event))
     }
 
+    /// Waits until token `step` is due: first_token + step × between_tokens
+    /// after the response started.
+    async fn sleep_until_due(&self, step: u32) {
+        let due = self.timing.first_token + self.timing.between_tokens * step;
+        if !due.is_zero() {
+            tokio::time::sleep_until(self.epoch + due).await;
+        }
+    }
+
     async fn next_event(mut self) -> Option<(io::Result<Bytes>, Self)> {
         loop {
             match self.phase {
                 Phase::Start => {
-                    sleep_if(self.timing.first_token).await;
+                    self.sleep_until_due(0).await;
                     self.phase = Phase::Token { step: 0, index: 0 };
                     if self.plan.kind == Kind::Chat {
                         let event = render::chat_role_chunk(&self.plan, &self.sim.config.model);
@@ -280,7 +293,7 @@ impl EventGen {
                         return Some((Err(err), self));
                     }
                     if index == 0 && step > 0 {
-                        sleep_if(self.timing.between_tokens).await;
+                        self.sleep_until_due(step).await;
                     }
                     let event = render::token_event(
                         &self.plan,
