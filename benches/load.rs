@@ -435,31 +435,27 @@ async fn scenario_b(report: &mut Report, duration: Duration, clients: usize) -> 
     report.line("");
     let mut direct = closed_loop(stack.decoder_addr, clients, duration, CHAT_64).await;
     let mut proxied = closed_loop(stack.proxy_addr, clients, duration, CHAT_64).await;
-    let over = |v: &mut Vec<Duration>, p: f64| pct(v, p) - simulated.as_secs_f64() * 1e3;
     // The decoder alone takes its share of the simulated time; the rest is
     // prefill + telemetry.
     let decode_sim = Duration::from_millis(B_FIRST_TOKEN + B_PER_TOKEN * (B_TOKENS - 1));
-    let d_over = |v: &mut Vec<Duration>, p: f64| pct(v, p) - decode_sim.as_secs_f64() * 1e3;
     report.line(
         "| target | req/s | errors | e2e p50 ms | e2e p99 ms | overhead p50 ms | overhead p99 ms |",
     );
     report.line("|---|---:|---:|---:|---:|---:|---:|");
-    let (dp50, dp99) = (d_over(&mut direct.e2e, 0.5), d_over(&mut direct.e2e, 0.99));
-    report.line(format!(
-        "| direct (decoder only) | {:.0} | {} | {:.1} | {:.1} | {dp50:.1} | {dp99:.1} |",
-        direct.rps(),
-        direct.errors,
-        pct(&mut direct.e2e, 0.5),
-        pct(&mut direct.e2e, 0.99)
-    ));
-    let (p50, p99) = (over(&mut proxied.e2e, 0.5), over(&mut proxied.e2e, 0.99));
-    report.line(format!(
-        "| pd-proxy | {:.0} | {} | {:.1} | {:.1} | {p50:.1} | {p99:.1} |",
-        proxied.rps(),
-        proxied.errors,
-        pct(&mut proxied.e2e, 0.5),
-        pct(&mut proxied.e2e, 0.99)
-    ));
+    let mut row = |name: &str, s: &mut Stats, simulated: Duration| {
+        let ms = simulated.as_secs_f64() * 1e3;
+        let (p50, p99) = (pct(&mut s.e2e, 0.5), pct(&mut s.e2e, 0.99));
+        report.line(format!(
+            "| {name} | {:.0} | {} | {p50:.1} | {p99:.1} | {:.1} | {:.1} |",
+            s.rps(),
+            s.errors,
+            p50 - ms,
+            p99 - ms
+        ));
+        p99 - ms
+    };
+    row("direct (decoder only)", &mut direct, decode_sim);
+    let p99 = row("pd-proxy", &mut proxied, simulated);
     report.line("");
     report.line("Overhead = end-to-end minus the simulated time (the direct row: minus the decoder's share); it includes pd-sim's own timer and scheduling lag on the shared cores.");
     report.line("");

@@ -122,12 +122,7 @@ async fn other_telemetry_events_are_counted_not_acted_on() {
 #[tokio::test]
 async fn health_and_metrics() {
     let s = start(SimConfig::default(), &[]).await;
-    let resp = s
-        .client
-        .get(format!("{}/health", s.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get("/health").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         s.post("/v1/chat/completions", chat_body(true))
@@ -135,12 +130,7 @@ async fn health_and_metrics() {
             .status(),
         200
     );
-    let resp = s
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get("/metrics").await;
     assert!(resp.headers()["content-type"]
         .to_str()
         .unwrap()
@@ -164,15 +154,7 @@ async fn health_and_metrics() {
 #[tokio::test]
 async fn models_come_from_a_prefiller_else_a_decoder() {
     let s = start(SimConfig::default(), &[]).await;
-    let body: Value = s
-        .client
-        .get(format!("{}/v1/models", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = s.get("/v1/models").await.json().await.unwrap();
     assert_eq!(body["object"], "list");
     assert_eq!(body["data"][0]["id"], "sim-model");
 
@@ -181,12 +163,7 @@ async fn models_come_from_a_prefiller_else_a_decoder() {
         Some(upstream_flags("127.0.0.1", dead, "127.0.0.1", d))
     })
     .await;
-    let resp = s
-        .client
-        .get(format!("{}/v1/models", s.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get("/v1/models").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.json::<Value>().await.unwrap()["data"][0]["id"],
@@ -198,12 +175,7 @@ async fn models_come_from_a_prefiller_else_a_decoder() {
         Some(upstream_flags("127.0.0.1", dead, "127.0.0.1", dead2))
     })
     .await;
-    let resp = s
-        .client
-        .get(format!("{}/v1/models", s.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get("/v1/models").await;
     assert_eq!(resp.status(), 502);
     assert_openai_error(&resp.json().await.unwrap(), 502);
 }
@@ -211,20 +183,10 @@ async fn models_come_from_a_prefiller_else_a_decoder() {
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_in_openai_shape() {
     let s = start(SimConfig::default(), &[]).await;
-    let resp = s
-        .client
-        .get(format!("{}/v1/nope", s.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get("/v1/nope").await;
     assert_eq!(resp.status(), 404);
     assert_openai_error(&resp.json().await.unwrap(), 404);
-    let resp = s
-        .client
-        .get(format!("{}/v1/chat/completions", s.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get("/v1/chat/completions").await;
     assert_eq!(resp.status(), 405);
     assert_openai_error(&resp.json().await.unwrap(), 405);
     let resp = s.client.get(&s.telemetry_url).send().await.unwrap();

@@ -136,15 +136,16 @@ impl Stack {
             .unwrap()
     }
 
-    pub async fn metrics(&self) -> String {
+    pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client
-            .get(format!("{}/metrics", self.url))
+            .get(format!("{}{path}", self.url))
             .send()
             .await
             .unwrap()
-            .text()
-            .await
-            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.text().await.unwrap()
     }
 
     /// The value of an unlabelled metric line, 0 when absent.
