@@ -36,7 +36,8 @@ impl Api {
 #[derive(Debug)]
 pub struct ClientRequest {
     pub body: Map<String, Value>,
-    /// The client asked for SSE; decides how a mid-stream failure is told.
+    /// The client asked for SSE; reported in the request's log line. The
+    /// relay itself goes by the decoder's content type.
     pub stream: bool,
     /// Engine requests vLLM makes of it: one per prompt of a completions
     /// batch. Each one reports its KV separately.

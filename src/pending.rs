@@ -213,12 +213,6 @@ pub struct ParkedGuard {
     id: RequestId,
 }
 
-impl ParkedGuard {
-    pub fn id(&self) -> RequestId {
-        self.id
-    }
-}
-
 impl Drop for ParkedGuard {
     fn drop(&mut self) {
         if self.pending.map.remove(&self.id).is_some() {

@@ -90,6 +90,7 @@ async fn run(
     // parsed body would otherwise sit in memory for the whole KV wait.
     let (prefill_body, prompts) = {
         let request = ClientRequest::parse(api, &raw)?;
+        log.stream = request.stream;
         (request.prefill_body(), request.prompts)
     };
     let prefiller = app.prefillers.pick();
@@ -409,6 +410,7 @@ struct RequestLog {
     api: Api,
     span: tracing::Span,
     started: Instant,
+    stream: bool,
     status: Option<u16>,
     prefill: Option<Duration>,
     kv_wait: Option<Duration>,
@@ -424,6 +426,7 @@ impl RequestLog {
             api,
             span,
             started: Instant::now(),
+            stream: false,
             status: None,
             prefill: None,
             kv_wait: None,
@@ -441,6 +444,7 @@ impl RequestLog {
             api: Api::Chat,
             span: tracing::Span::none(),
             started: Instant::now(),
+            stream: false,
             status: None,
             prefill: None,
             kv_wait: None,
@@ -476,6 +480,7 @@ impl Drop for RequestLog {
         tracing::info!(
             parent: &self.span,
             status,
+            stream = self.stream,
             outcome = ?self.outcome,
             prefill_ms = ms(self.prefill),
             kv_wait_ms = ms(self.kv_wait),
