@@ -9,7 +9,6 @@
 //! the [`ParkedGuard`] (freeing the parked entry). No task is spawned per
 //! request, so nothing outlives its client.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,7 +17,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -53,10 +52,15 @@ pub async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: 
 }
 
 async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Response {
+    // Header values share hyper's connection read buffer; a request parked
+    // for seconds must not pin that buffer, so only a copy of the one
+    // header used later is kept.
+    let auth = upstream_auth(&app, &headers);
+    drop(headers);
     let id = RequestId::random();
     let span = tracing::info_span!("request", %id, api = api.as_str());
     let mut log = RequestLog::new(Arc::clone(&app), api, span.clone());
-    let mut response = match run(&app, api, id, &headers, body, &mut log)
+    let mut response = match run(&app, api, id, auth.as_ref(), body, &mut log)
         .instrument(span)
         .await
     {
@@ -73,6 +77,18 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
     response
 }
 
+/// The `Authorization` sent upstream: a configured key wins; without one,
+/// the client's own credentials, copied out of the request's headers.
+fn upstream_auth(app: &App, headers: &HeaderMap) -> Option<HeaderValue> {
+    if let Some(key) = &app.config.upstream_auth {
+        return Some(key.clone());
+    }
+    let value = headers.get(header::AUTHORIZATION)?;
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).ok()?;
+    copy.set_sensitive(true);
+    Some(copy)
+}
+
 fn id_header(id: RequestId) -> HeaderValue {
     HeaderValue::try_from(id.to_string()).expect("hex is a valid header value")
 }
@@ -81,7 +97,7 @@ async fn run(
     app: &Arc<App>,
     api: Api,
     id: RequestId,
-    headers: &HeaderMap,
+    auth: Option<&HeaderValue>,
     body: Body,
     log: &mut RequestLog,
 ) -> Result<Response, ProxyError> {
@@ -95,23 +111,13 @@ async fn run(
     };
     let prefiller = app.prefillers.pick();
     let decoder = app.decoders.pick();
-    // A configured key wins; without one, the client's own credentials.
-    let auth = app
-        .config
-        .upstream_auth
-        .as_ref()
-        .or_else(|| headers.get(header::AUTHORIZATION));
-
     let (guard, kv_ready) = app.pending.park(id, prompts);
     if let Some(refusal) = prefill(app, api, prefiller, prefill_body, id, auth, log).await? {
         return Ok(refusal);
     }
     await_kv(app, guard, kv_ready, log).await?;
     let answer = decode(app, api, decoder, raw, auth, id).await?;
-    Ok(relay(
-        answer,
-        std::mem::replace(log, RequestLog::detached()),
-    ))
+    relay(app, answer, log).await
 }
 
 async fn read_body(body: Body) -> Result<Bytes, ProxyError> {
@@ -270,8 +276,16 @@ struct DecoderAnswer {
     started: Instant,
 }
 
-/// Streams the decoder's answer to the client as its frames arrive.
-fn relay(answer: DecoderAnswer, mut log: RequestLog) -> Response {
+/// Streams the decoder's answer to the client as its frames arrive. The
+/// answer's headers wait for its first bytes (bounded by
+/// `--upstream-timeout`, like the headers themselves), so both leave in one
+/// write and a decoder that never starts its stream is a 504, not a hung
+/// 200.
+async fn relay(
+    app: &App,
+    answer: DecoderAnswer,
+    log: &mut RequestLog,
+) -> Result<Response, ProxyError> {
     let DecoderAnswer { response, started } = answer;
     let status = response.status();
     let headers = upstream::relayed_headers(&response);
@@ -280,11 +294,23 @@ fn relay(answer: DecoderAnswer, mut log: RequestLog) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     log.status = Some(status.as_u16());
-    let body = RelayBody::new(response.into_body(), log, started, sse);
+    let owned_log = std::mem::replace(log, RequestLog::detached());
+    let mut body = RelayBody::new(response.into_body(), owned_log, started, sse);
+    let first = std::future::poll_fn(|cx| body.gather(cx));
+    if timeout(app.config.upstream_timeout, first).await.is_err() {
+        // The request's log comes back to the caller, which records the
+        // failure.
+        *log = std::mem::replace(&mut body.log, RequestLog::detached());
+        app.metrics.upstream_error(Leg::Decode);
+        return Err(ProxyError::UpstreamTimeout {
+            leg: Leg::Decode,
+            secs: app.config.upstream_timeout.as_secs_f64(),
+        });
+    }
     let mut out = Response::new(Body::new(body));
     *out.status_mut() = status;
     *out.headers_mut() = headers;
-    out
+    Ok(out)
 }
 
 /// Runs an upstream call under `--upstream-timeout`, turning failures into
@@ -492,20 +518,22 @@ impl Drop for RequestLog {
     }
 }
 
-/// The decoder's body on its way to the client: frames pass through
-/// unchanged (no parsing, no re-chunking). It owns the request's log, so the
-/// end of the body is the end of the request. A decoder that dies mid-stream
-/// leaves an SSE client a proper ending: an error event, then `[DONE]`.
+/// The decoder's body on its way to the client: bytes pass through
+/// unchanged (no parsing, no re-framing of SSE events). It owns the
+/// request's log, so the end of the body is the end of the request. A
+/// decoder that dies mid-stream leaves an SSE client a proper ending: an
+/// error event, then `[DONE]`.
 ///
-/// Frames that are already on their way are handed to hyper back to back so
-/// it writes them with one `writev`: hyper's client delivers one frame per
-/// wake-up, and hyper's server flushes whenever the body is pending, so
-/// relaying naively costs a syscall per SSE event (measured: 23 `writev`s
-/// per 16-token stream, 6 with batching). While frames come in a burst
-/// (less than [`BURST_GAP`] apart), the body yields up to [`IDLE_YIELDS`]
-/// times after each to let the upstream connection deliver the next, and
-/// hands the batch over when the yields bring nothing. The first frame and
-/// tokens that come at generation pace go out at once: batching costs them
+/// Frames that are already on their way are joined into one chunk, so
+/// hyper writes them with one `writev`: hyper's client delivers one frame
+/// per wake-up, and hyper's server flushes whenever the body is pending, so
+/// relaying naively costs a syscall per SSE event on the client socket and
+/// a wake-up of the client for each. Copying a few hundred bytes per event
+/// is far cheaper than either. After the stream's first frame, and while
+/// frames come in a burst (less than [`BURST_GAP`] apart), the body yields
+/// up to [`IDLE_YIELDS`] times to let the upstream connection deliver the
+/// next, and hands the batch over when the yields bring nothing. Tokens
+/// that come at generation pace go out at once: batching costs them
 /// nothing, and never a timer.
 struct RelayBody {
     inner: Incoming,
@@ -516,29 +544,87 @@ struct RelayBody {
     /// Whether the bytes relayed so far end on an event boundary, so the
     /// error event is not glued onto a half-sent one.
     ends_cleanly: bool,
-    /// Frames received and not yet handed to hyper.
-    batch: VecDeque<Frame<Bytes>>,
+    /// Data received and not yet handed to hyper.
+    batch: Batch,
+    /// Upstream trailers, handed over after the data before them.
+    trailers: Option<HeaderMap>,
     /// Yields since the last frame arrived, while gathering a batch.
     idle_yields: u8,
     /// When the last frame arrived, to tell a burst from generation pace.
     last_frame: Option<Instant>,
-    /// The last frame came less than [`BURST_GAP`] after the one before.
+    /// The last frame was the stream's first, or came less than
+    /// [`BURST_GAP`] after the one before: more is likely on its way.
     bursting: bool,
     /// `inner` has ended (or failed); what is left is the batch.
     upstream_done: bool,
     /// A non-SSE upstream failure, reported after the batch.
     error: Option<hyper::Error>,
     finished: bool,
+    /// The decoder's own length, taken before the first batch consumes
+    /// the body: a non-streaming answer keeps its Content-Length.
+    size: SizeHint,
     /// The last bytes relayed: a client may close as soon as it reads
     /// `data: [DONE]`, before the decoder's final chunk, and that answer
     /// was complete.
     tail: [u8; DONE.len()],
 }
 
+/// Data gathered for one hand-over. A lone frame is passed on as it came
+/// (a large JSON answer is not copied); only a second frame starts a copy.
+#[derive(Default)]
+enum Batch {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        match self {
+            Batch::Empty => 0,
+            Batch::One(b) => b.len(),
+            Batch::Many(b) => b.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Batch::Empty)
+    }
+
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        *self = match std::mem::take(self) {
+            Batch::Empty => Batch::One(data),
+            Batch::One(first) => {
+                let mut joined = BytesMut::with_capacity((first.len() + data.len()) * 2);
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&data);
+                Batch::Many(joined)
+            }
+            Batch::Many(mut joined) => {
+                joined.extend_from_slice(&data);
+                Batch::Many(joined)
+            }
+        };
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
+        match std::mem::take(self) {
+            Batch::Empty => None,
+            Batch::One(b) => Some(b),
+            Batch::Many(b) => Some(b.freeze()),
+        }
+    }
+}
+
 const DONE: &[u8; 14] = b"data: [DONE]\n\n";
 
-/// hyper's server writes at most this many buffers in one `writev`.
-const MAX_BATCH: usize = 16;
+/// A batch stops growing at this size: it bounds the copy and the memory a
+/// fast decoder can pile up before the client reads.
+const MAX_BATCH_BYTES: usize = 64 << 10;
 
 /// Yields without a new frame before a batch is handed over. Measured:
 /// hyper's client connection task needs two scheduler turns to pass on a
@@ -552,19 +638,26 @@ const BURST_GAP: Duration = Duration::from_micros(500);
 impl RelayBody {
     fn new(inner: Incoming, log: RequestLog, decode_started: Instant, sse: bool) -> Self {
         RelayBody {
-            inner,
             log,
             decode_started,
             sse,
             seen_data: false,
             ends_cleanly: true,
-            batch: VecDeque::new(),
+            batch: Batch::Empty,
+            trailers: None,
             idle_yields: 0,
             last_frame: None,
             bursting: false,
             upstream_done: false,
             error: None,
             finished: false,
+            // An SSE stream may grow an error event, so it promises nothing.
+            size: if sse {
+                SizeHint::default()
+            } else {
+                inner.size_hint()
+            },
+            inner,
             tail: [0; DONE.len()],
         }
     }
@@ -586,10 +679,7 @@ impl RelayBody {
         Bytes::from(out)
     }
 
-    fn observe(&mut self, frame: &Frame<Bytes>) {
-        let Some(data) = frame.data_ref() else {
-            return;
-        };
+    fn observe(&mut self, data: &[u8]) {
         if data.is_empty() {
             return;
         }
@@ -611,6 +701,7 @@ impl RelayBody {
     /// Everything the decoder sent has been handed to hyper.
     fn drained(&self) -> bool {
         self.batch.is_empty()
+            && self.trailers.is_none()
             && self.error.is_none()
             && (self.upstream_done || self.inner.is_end_stream())
     }
@@ -630,7 +721,7 @@ impl RelayBody {
         tracing::warn!(parent: &self.log.span, error = %err, "decoder stream broke");
         if self.sse {
             let tail = self.broken_stream_tail(&err);
-            self.batch.push_back(Frame::data(tail));
+            self.batch.push(tail);
         } else {
             self.error = Some(err);
         }
@@ -639,21 +730,28 @@ impl RelayBody {
     /// Gathers frames until upstream has nothing more right now. `Pending`
     /// while there is nothing to hand over, or while yielding for more.
     fn gather(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        while !self.upstream_done && self.batch.len() < MAX_BATCH {
+        while !self.upstream_done && self.trailers.is_none() && self.batch.len() < MAX_BATCH_BYTES {
             match Pin::new(&mut self.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let now = Instant::now();
                     self.bursting = self
                         .last_frame
-                        .is_some_and(|last| now.duration_since(last) < BURST_GAP);
+                        .is_none_or(|last| now.duration_since(last) < BURST_GAP);
                     self.last_frame = Some(now);
-                    self.observe(&frame);
-                    self.batch.push_back(frame);
                     self.idle_yields = 0;
+                    match frame.into_data() {
+                        Ok(data) => {
+                            self.observe(&data);
+                            self.batch.push(data);
+                        }
+                        Err(frame) => self.trailers = frame.into_trailers().ok(),
+                    }
                 }
                 Poll::Ready(Some(Err(err))) => self.upstream_failed(err),
                 Poll::Ready(None) => self.upstream_done = true,
-                Poll::Pending if self.batch.is_empty() => return Poll::Pending,
+                Poll::Pending if self.batch.is_empty() && self.trailers.is_none() => {
+                    return Poll::Pending
+                }
                 Poll::Pending if self.bursting && self.idle_yields < IDLE_YIELDS => {
                     self.idle_yields += 1;
                     cx.waker().wake_by_ref();
@@ -688,10 +786,14 @@ impl http_body::Body for RelayBody {
             return Poll::Ready(None);
         }
         // Still gathering after a yield, or nothing left to hand over.
-        if this.idle_yields > 0 || this.batch.is_empty() {
+        if this.idle_yields > 0 || (this.batch.is_empty() && this.trailers.is_none()) {
             std::task::ready!(this.gather(cx));
         }
-        if let Some(frame) = this.batch.pop_front() {
+        let frame = match this.batch.take() {
+            Some(data) => Some(Frame::data(data)),
+            None => this.trailers.take().map(Frame::trailers),
+        };
+        if let Some(frame) = frame {
             // With a Content-Length, hyper stops polling after the last
             // byte, so completion is decided here, not at `None`.
             if this.drained() {
@@ -712,12 +814,6 @@ impl http_body::Body for RelayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        // A non-streaming answer keeps its Content-Length; an SSE stream may
-        // grow an error event, so it promises nothing.
-        if self.sse {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
-        }
+        self.size.clone()
     }
 }
