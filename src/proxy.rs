@@ -814,6 +814,6 @@ impl http_body::Body for RelayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.size.clone()
+        self.size
     }
 }
