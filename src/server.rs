@@ -14,6 +14,10 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 use http::{header, HeaderValue, StatusCode};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -132,9 +136,12 @@ pub async fn serve(
         public_router(Arc::clone(&app)),
     )
     .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let telemetry = axum::serve(listeners.telemetry.tap_io(nodelay), telemetry_router(app))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let servers = async { tokio::try_join!(public.into_future(), telemetry.into_future()) };
+    let telemetry = serve_telemetry(
+        listeners.telemetry,
+        telemetry_router(app),
+        stopped(stop_rx.clone()),
+    );
+    let servers = async { tokio::try_join!(public.into_future(), telemetry) };
     let drain_deadline = async {
         shutdown.await;
         tracing::info!("shutting down: no new connections, draining in-flight requests");
@@ -150,4 +157,55 @@ pub async fn serve(
     };
     upkeep.abort();
     result
+}
+
+/// Serves LMCache's telemetry posts. Every event comes on a fresh
+/// connection (Python urllib, `Connection: close`), so the per-connection
+/// cost is the per-event cost: plain HTTP/1.1, without axum's HTTP/2
+/// detection (an extra read per connection) or TCP_NODELAY (the one reply
+/// is written whole, then the connection closes).
+async fn serve_telemetry(
+    listener: TcpListener,
+    router: Router,
+    stop: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    // A timer makes hyper bound the wait for request headers.
+    http.timer(TokioTimer::new());
+    tokio::pin!(stop);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// An accept error is about one connection (it was reset) or about the
+/// process (out of file descriptors): neither stops the server, but the
+/// second would spin, so it pauses briefly as axum's own loop does.
+async fn accept_failed(e: io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::warn!(error = %e, "telemetry accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
