@@ -7,6 +7,13 @@ use clap::Parser;
 use pd_proxy::{App, Args, ListenAddrs, Listeners};
 use tokio::net::TcpListener;
 
+/// jemalloc, configured in `.cargo/config.toml` to hand freed pages back
+/// within a second. Measured against glibc: same RSS with 10,000 parked
+/// requests, but glibc kept that peak after they were released (266 MiB
+/// against 5 MiB idle); mimalloc used half again as much while parked.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let (config, addrs) = match args.resolve(std::env::var("OPENAI_API_KEY").ok()) {
