@@ -8,7 +8,7 @@
 //!   │      POST :5768/api/v1/telemetry {request_store_finished, [chatcmpl-id-xxxxxxxx]}
 //!   │      ──▶ telemetry.rs counts ranks, wakes the parked request
 //!   ├─ wait for every rank, bounded by --kv-ready-timeout
-//!   └─ original body ──▶ decoder ──SSE──▶ relayed frame by frame ──▶ client
+//!   └─ original body ──▶ decoder ──SSE──▶ relayed as it arrives ──▶ client
 //! ```
 //!
 //! The decoder finds the prompt's KV in LMCache and skips the prefill. The
