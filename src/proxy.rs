@@ -370,11 +370,8 @@ fn snippet(body: &[u8]) -> String {
 /// answers 200, else the first decoder. Each try is bounded, so one dead
 /// server costs at most the connect timeout.
 pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let auth = app
-        .config
-        .upstream_auth
-        .as_ref()
-        .or_else(|| headers.get(header::AUTHORIZATION));
+    let auth = upstream_auth(&app, &headers);
+    let auth = auth.as_ref();
     let candidates = app.prefillers.all().iter().chain(app.decoders.all());
     let mut last_error = String::from("no upstream configured");
     for endpoint in candidates {
