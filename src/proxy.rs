@@ -814,3 +814,32 @@ impl http_body::Body for RelayBody {
         self.size
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_frame_is_handed_over_without_a_copy() {
+        let frame = Bytes::from_static(b"data: {\"a\":1}\n\n");
+        let mut batch = Batch::default();
+        batch.push(Bytes::new());
+        assert!(batch.is_empty(), "empty frames are not batched");
+        batch.push(frame.clone());
+        let out = batch.take().unwrap();
+        assert_eq!(out.as_ptr(), frame.as_ptr());
+        assert!(batch.is_empty() && batch.take().is_none());
+    }
+
+    #[test]
+    fn frames_in_flight_are_joined_in_order() {
+        let frames: [&[u8]; 3] = [b"data: 1\n\n", b"data: 2\n", b"\ndata: [DONE]\n\n"];
+        let mut batch = Batch::default();
+        for f in frames {
+            batch.push(Bytes::from_static(f));
+        }
+        assert_eq!(batch.len(), frames.concat().len());
+        assert_eq!(batch.take().unwrap(), frames.concat());
+        assert!(batch.is_empty());
+    }
+}
