@@ -117,7 +117,7 @@ async fn run(
     }
     await_kv(app, guard, kv_ready, log).await?;
     let answer = decode(app, api, decoder, raw, auth, id).await?;
-    relay(app, answer, log).await
+    relay(app, decoder, answer, log).await
 }
 
 async fn read_body(body: Body) -> Result<Bytes, ProxyError> {
@@ -283,6 +283,7 @@ struct DecoderAnswer {
 /// 200.
 async fn relay(
     app: &App,
+    decoder: &Endpoint,
     answer: DecoderAnswer,
     log: &mut RequestLog,
 ) -> Result<Response, ProxyError> {
@@ -296,16 +297,15 @@ async fn relay(
     log.status = Some(status.as_u16());
     let owned_log = std::mem::replace(log, RequestLog::detached());
     let mut body = RelayBody::new(response.into_body(), owned_log, started, sse);
-    let first = std::future::poll_fn(|cx| body.gather(cx));
-    if timeout(app.config.upstream_timeout, first).await.is_err() {
+    let first = async {
+        std::future::poll_fn(|cx| body.gather(cx)).await;
+        Ok(())
+    };
+    if let Err(err) = bounded(app, Leg::Decode, decoder, first).await {
         // The request's log comes back to the caller, which records the
         // failure.
         *log = std::mem::replace(&mut body.log, RequestLog::detached());
-        app.metrics.upstream_error(Leg::Decode);
-        return Err(ProxyError::UpstreamTimeout {
-            leg: Leg::Decode,
-            secs: app.config.upstream_timeout.as_secs_f64(),
-        });
+        return Err(err);
     }
     let mut out = Response::new(Body::new(body));
     *out.status_mut() = status;
@@ -695,10 +695,14 @@ impl RelayBody {
         self.tail[at..].copy_from_slice(&data[data.len() - keep..]);
     }
 
+    /// Nothing gathered is waiting to be handed to hyper.
+    fn nothing_gathered(&self) -> bool {
+        self.batch.is_empty() && self.trailers.is_none()
+    }
+
     /// Everything the decoder sent has been handed to hyper.
     fn drained(&self) -> bool {
-        self.batch.is_empty()
-            && self.trailers.is_none()
+        self.nothing_gathered()
             && self.error.is_none()
             && (self.upstream_done || self.inner.is_end_stream())
     }
@@ -746,9 +750,7 @@ impl RelayBody {
                 }
                 Poll::Ready(Some(Err(err))) => self.upstream_failed(err),
                 Poll::Ready(None) => self.upstream_done = true,
-                Poll::Pending if self.batch.is_empty() && self.trailers.is_none() => {
-                    return Poll::Pending
-                }
+                Poll::Pending if self.nothing_gathered() => return Poll::Pending,
                 Poll::Pending if self.bursting && self.idle_yields < IDLE_YIELDS => {
                     self.idle_yields += 1;
                     cx.waker().wake_by_ref();
@@ -783,7 +785,7 @@ impl http_body::Body for RelayBody {
             return Poll::Ready(None);
         }
         // Still gathering after a yield, or nothing left to hand over.
-        if this.idle_yields > 0 || (this.batch.is_empty() && this.trailers.is_none()) {
+        if this.idle_yields > 0 || this.nothing_gathered() {
             std::task::ready!(this.gather(cx));
         }
         let frame = match this.batch.take() {
