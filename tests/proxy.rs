@@ -531,39 +531,43 @@ async fn bad_json_is_a_400_and_nothing_goes_upstream() {
     s.assert_drained().await;
 }
 
+/// Posts one request to a stack whose upstream stalls as `sim` says, under
+/// `--upstream-timeout 0.3`, and checks the answer is an OpenAI-shaped 504
+/// with nothing left parked. Returns the stack for the caller's own checks.
+async fn stalled_upstream_is_a_504(sim: SimConfig, stream: bool) -> Stack {
+    let s = start(sim, &["--upstream-timeout", "0.3"]).await;
+    let resp = s.post("/v1/chat/completions", chat_body(stream)).await;
+    assert_eq!(resp.status(), 504);
+    assert_openai_error(&resp.json().await.unwrap(), 504);
+    s.assert_drained().await;
+    s
+}
+
 /// The decoder answers 200 and then sends nothing: the client gets a 504
 /// in OpenAI's shape, not a 200 whose stream never starts.
 #[tokio::test]
 async fn decoder_stream_that_never_starts_is_a_504() {
-    let s = start(
+    let s = stalled_upstream_is_a_504(
         SimConfig {
             first_token_delay: Duration::from_secs(30),
             ..Default::default()
         },
-        &["--upstream-timeout", "0.3"],
+        true,
     )
     .await;
-    let resp = s.post("/v1/chat/completions", chat_body(true)).await;
-    assert_eq!(resp.status(), 504);
-    assert_openai_error(&resp.json().await.unwrap(), 504);
     assert_eq!(s.decoder.decode_requests().len(), 1);
-    s.assert_drained().await;
 }
 
 #[tokio::test]
 async fn upstream_that_never_answers_is_bounded() {
-    let s = start(
+    stalled_upstream_is_a_504(
         SimConfig {
             prefill_delay: Duration::from_secs(30),
             ..Default::default()
         },
-        &["--upstream-timeout", "0.3"],
+        false,
     )
     .await;
-    let resp = s.post("/v1/chat/completions", chat_body(false)).await;
-    assert_eq!(resp.status(), 504);
-    assert_openai_error(&resp.json().await.unwrap(), 504);
-    s.assert_drained().await;
 }
 
 #[tokio::test]
