@@ -2,7 +2,7 @@
 //! state they share. Tests build the same routers over listeners bound on
 //! port 0.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,14 +11,14 @@ use axum::extract::State;
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use http::{header, HeaderValue, StatusCode};
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -115,9 +115,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
     let upkeep = {
         let metrics = Arc::clone(&app.metrics);
         tokio::spawn(async move {
@@ -128,20 +125,19 @@ pub async fn serve(
             }
         })
     };
-    let nodelay = |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    };
-    let public = axum::serve(
-        listeners.public.tap_io(nodelay),
+    let public = serve_port(
+        listeners.public,
         public_router(Arc::clone(&app)),
-    )
-    .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let telemetry = serve_telemetry(
+        Port::Api,
+        stop_rx.clone(),
+    );
+    let telemetry = serve_port(
         listeners.telemetry,
         telemetry_router(app),
-        stopped(stop_rx.clone()),
+        Port::Telemetry,
+        stop_rx,
     );
-    let servers = async { tokio::try_join!(public.into_future(), telemetry) };
+    let servers = async { tokio::try_join!(public, telemetry) };
     let drain_deadline = async {
         shutdown.await;
         tracing::info!("shutting down: no new connections, draining in-flight requests");
@@ -159,21 +155,57 @@ pub async fn serve(
     result
 }
 
-/// Serves LMCache's telemetry posts. Every event comes on a fresh
-/// connection (Python urllib, `Connection: close`), so the per-connection
-/// cost is the per-event cost: plain HTTP/1.1, without axum's HTTP/2
-/// detection (an extra read per connection) or TCP_NODELAY (the one reply
-/// is written whole, then the connection closes).
-async fn serve_telemetry(
+/// What a port speaks.
+#[derive(Clone, Copy, PartialEq)]
+enum Port {
+    /// The OpenAI API: HTTP/1.1 from SDKs and curl, h2c (prior knowledge)
+    /// from gateways; TCP_NODELAY, since SSE events go out one by one.
+    Api,
+    /// LMCache's telemetry: every event comes on a fresh connection
+    /// (Python urllib, `Connection: close`), so the per-connection cost is
+    /// the per-event cost. Plain HTTP/1.1, no protocol detection, and no
+    /// TCP_NODELAY (the one reply is written whole, then the connection
+    /// closes).
+    Telemetry,
+}
+
+/// How long a new API connection may stay silent before its first bytes;
+/// after them hyper's own 30 s bound on request headers takes over.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// What an h2c client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The HTTP connection builders, made once per port.
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+/// Accepts on `listener` until `stop` turns true, then lets the open
+/// connections finish (hyper closes idle keep-alive ones at once).
+async fn serve_port(
     listener: TcpListener,
     router: Router,
-    stop: impl Future<Output = ()>,
+    port: Port,
+    mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let graceful = GracefulShutdown::new();
-    let mut http = http1::Builder::new();
+    let mut http1 = http1::Builder::new();
     // A timer makes hyper bound the wait for request headers.
-    http.timer(TokioTimer::new());
-    tokio::pin!(stop);
+    http1.timer(TokioTimer::new());
+    let mut auto = auto::Builder::new(TokioExecutor::new());
+    auto.http1().timer(TokioTimer::new());
+    let builders = Arc::new(Builders {
+        http1,
+        http2: http2::Builder::new(TokioExecutor::new()),
+        auto,
+    });
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -183,17 +215,87 @@ async fn serve_telemetry(
                     continue;
                 }
             },
-            () = &mut stop => break,
+            () = stopped(&mut stop) => break,
         };
         let service = TowerToHyperService::new(router.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+        if port == Port::Telemetry {
+            let connection =
+                graceful.watch(builders.http1.serve_connection(TokioIo::new(tcp), service));
+            tokio::spawn(connection);
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        let (builders, watcher, mut stop) =
+            (Arc::clone(&builders), graceful.watcher(), stop.clone());
         tokio::spawn(async move {
-            let _ = connection.await;
+            let wire = tokio::select! {
+                wire = tokio::time::timeout(FIRST_BYTES_TIMEOUT, sniff(&tcp)) => match wire {
+                    Ok(Some(wire)) => wire,
+                    // Silent, closed or reset before a byte: nothing to answer.
+                    Ok(None) | Err(_) => return,
+                },
+                // Nothing was read yet, so nothing is lost by closing.
+                () = stopped(&mut stop) => return,
+            };
+            let io = TokioIo::new(tcp);
+            match wire {
+                Wire::Http1 => {
+                    let _ = watcher
+                        .watch(builders.http1.serve_connection(io, service))
+                        .await;
+                }
+                Wire::H2c => {
+                    let _ = watcher
+                        .watch(builders.http2.serve_connection(io, service))
+                        .await;
+                }
+                Wire::Undecided => {
+                    let _ = watcher
+                        .watch(builders.auto.serve_connection(io, service))
+                        .await;
+                }
+            }
         });
     }
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// What a connection's first bytes say it speaks.
+#[derive(Debug, PartialEq)]
+enum Wire {
+    Http1,
+    H2c,
+    /// A strict prefix of the h2c preface: too short to tell.
+    Undecided,
+}
+
+/// Tells HTTP/1.1 from h2c by peeking, so that hyper reads the socket
+/// itself. hyper-util's auto builder instead reads the first 24 bytes and
+/// replays them; hyper's HTTP/1 read buffer, finding its first read that
+/// short, then grows from 8 to 16 KiB for the rest of the request — 8 KiB
+/// more for every open connection, which is most of what a parked request
+/// costs. A first segment shorter than the preface that matches it so far
+/// is left to the auto builder, which waits for more. `None`: the
+/// connection closed (or failed) before sending anything.
+async fn sniff(tcp: &TcpStream) -> Option<Wire> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let n = tcp.peek(&mut first).await.ok()?;
+    Some(classify(&first[..n])?)
+}
+
+fn classify(first: &[u8]) -> Option<Wire> {
+    let n = first.len().min(H2_PREFACE.len());
+    if n == 0 {
+        None
+    } else if first[..n] != H2_PREFACE[..n] {
+        Some(Wire::Http1)
+    } else if n == H2_PREFACE.len() {
+        Some(Wire::H2c)
+    } else {
+        Some(Wire::Undecided)
+    }
 }
 
 /// An accept error is about one connection (it was reset) or about the
@@ -206,6 +308,45 @@ async fn accept_failed(e: io::Error) {
     ) {
         return;
     }
-    tracing::warn!(error = %e, "telemetry accept failed");
+    tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_tell_the_protocol() {
+        assert_eq!(classify(b""), None);
+        assert_eq!(
+            classify(b"POST /v1/chat/completions HTTP/1.1\r\n"),
+            Some(Wire::Http1)
+        );
+        assert_eq!(classify(b"G"), Some(Wire::Http1));
+        // "PRI" as an HTTP/1 method: one byte off the preface is enough.
+        assert_eq!(classify(b"PRI * HTTP/1.1\r\n\r\n"), Some(Wire::Http1));
+        assert_eq!(classify(H2_PREFACE), Some(Wire::H2c));
+        assert_eq!(classify(&H2_PREFACE[..5]), Some(Wire::Undecided));
+    }
+
+    #[tokio::test]
+    async fn peeking_leaves_the_bytes_for_hyper() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        client.write_all(&H2_PREFACE[..5]).await.unwrap();
+        assert_eq!(sniff(&server).await, Some(Wire::Undecided));
+        client.write_all(&H2_PREFACE[5..]).await.unwrap();
+        assert_eq!(sniff(&server).await, Some(Wire::H2c));
+        drop(client);
+        let mut all = Vec::new();
+        server.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, H2_PREFACE, "nothing was consumed");
+        assert_eq!(sniff(&server).await, None, "closed before a byte");
+    }
 }

@@ -246,3 +246,130 @@ async fn shutdown_drains_in_flight_streams_then_returns() {
         "no longer accepting"
     );
 }
+
+/// One streamed chat over h2c (prior knowledge) on `io`, as a gateway in
+/// front of the proxy would send it; returns the SSE body.
+async fn h2c_chat<I>(io: I, url: &str) -> String
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::{BodyExt, Full};
+
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(chat_body(true).to_string())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+fn api_addr(s: &Stack) -> String {
+    s.url.trim_start_matches("http://").to_owned()
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served_on_the_api_port() {
+    let s = start(SimConfig::default(), &[]).await;
+    let tcp = tokio::net::TcpStream::connect(api_addr(&s)).await.unwrap();
+    let body = h2c_chat(tcp, &s.url).await;
+    let events = sse_data(&body);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let tokens = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .count();
+    assert_eq!(tokens, 8, "every token of max_tokens 8: {body}");
+    assert_eq!(s.prefiller.prefill_requests().len(), 1, "prefilled first");
+    s.assert_drained().await;
+}
+
+/// Hands its first write to the socket 5 bytes only, so the h2c preface
+/// usually reaches the proxy in two segments and its first look at the
+/// connection cannot tell the protocol yet.
+struct SplitFirstWrite {
+    tcp: tokio::net::TcpStream,
+    split: bool,
+}
+
+impl tokio::io::AsyncRead for SplitFirstWrite {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SplitFirstWrite {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let n = if std::mem::take(&mut self.split) {
+            buf.len().min(5)
+        } else {
+            buf.len()
+        };
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, &buf[..n])
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn an_h2c_preface_split_across_segments_is_still_served() {
+    let s = start(SimConfig::default(), &[]).await;
+    let tcp = tokio::net::TcpStream::connect(api_addr(&s)).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let body = h2c_chat(SplitFirstWrite { tcp, split: true }, &s.url).await;
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    s.assert_drained().await;
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_connection_that_never_spoke() {
+    let mut s = start(SimConfig::default(), &[]).await;
+    let mut silent = tokio::net::TcpStream::connect(api_addr(&s)).await.unwrap();
+    // Connections are accepted in order: once a later one is answered, the
+    // silent one is open on the proxy's side too.
+    assert_eq!(s.get("/health").await.status(), 200);
+    // The drain allows 30 s; `shutdown` fails the test after 10.
+    s.shutdown().await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), silent.read(&mut byte))
+        .await
+        .expect("the silent connection is closed, not left open");
+    assert!(
+        matches!(read, Ok(0)) || read.is_err(),
+        "closed without an answer: {read:?}"
+    );
+}
