@@ -282,7 +282,7 @@ enum Wire {
 async fn sniff(tcp: &TcpStream) -> Option<Wire> {
     let mut first = [0u8; H2_PREFACE.len()];
     let n = tcp.peek(&mut first).await.ok()?;
-    Some(classify(&first[..n])?)
+    classify(&first[..n])
 }
 
 fn classify(first: &[u8]) -> Option<Wire> {
