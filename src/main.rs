@@ -80,7 +80,7 @@ async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
     addrs.sort_by_key(|a| !a.is_ipv4());
     let mut last = format!("{host} resolved to no address");
     for addr in addrs {
-        match TcpListener::bind(addr).await {
+        match pd_proxy::listen(addr) {
             Ok(listener) => return Ok(listener),
             Err(e) => last = format!("cannot listen on {addr}: {e}"),
         }

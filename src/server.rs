@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -100,6 +101,27 @@ async fn not_found(uri: http::Uri) -> ProxyError {
 async fn method_not_allowed(method: Method) -> ProxyError {
     ProxyError::MethodNotAllowed(method.to_string())
 }
+
+/// A listener with the accept queue as long as the kernel allows
+/// (`net.core.somaxconn`). tokio's `TcpListener::bind` asks for 128:
+/// LMCache opens a connection per telemetry event, so a batch of 256
+/// prefills finishing together overflowed it, and each dropped SYN came
+/// back after the kernel's 1 s retransmit — a request released a second
+/// late (the load bench's p99 at 256 clients: 1,030 ms).
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Linux clamps it to `net.core.somaxconn` (4096 by default since 5.4).
+const LISTEN_BACKLOG: u32 = 65_535;
 
 /// The listeners `serve` runs on; bound by the caller so tests can use port 0.
 pub struct Listeners {
@@ -328,6 +350,29 @@ mod tests {
         assert_eq!(classify(b"PRI * HTTP/1.1\r\n\r\n"), Some(Wire::Http1));
         assert_eq!(classify(H2_PREFACE), Some(Wire::H2c));
         assert_eq!(classify(&H2_PREFACE[..5]), Some(Wire::Undecided));
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_accept_queue() {
+        // Nothing accepts: every connect below completes only if the
+        // kernel queued it. With tokio's default backlog of 128 the rest
+        // would wait for SYN retransmits that find the queue still full.
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects: Vec<_> = (0..300)
+            .map(|_| tokio::spawn(TcpStream::connect(addr)))
+            .collect();
+        let all = async {
+            let mut streams = Vec::new();
+            for c in connects {
+                streams.push(c.await.unwrap().unwrap());
+            }
+            streams
+        };
+        let streams = tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .expect("300 connections queue without an accept");
+        assert_eq!(streams.len(), 300);
     }
 
     #[tokio::test]
