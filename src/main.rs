@@ -39,7 +39,8 @@ fn main() -> ExitCode {
     // loops inside it would otherwise live on this thread, which is not a
     // worker, and each telemetry connection (LMCache opens one per event)
     // would cost a futex wake-up here and another to hand the connection to
-    // a worker: 3 extra syscalls and 2 context switches per request.
+    // a worker (measured at one client: 16 context switches per request in
+    // the proxy before, 9 after).
     match runtime.block_on(async { tokio::spawn(run(config, addrs)).await }) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(message)) => {
