@@ -26,4 +26,4 @@ pub mod telemetry;
 pub mod upstream;
 
 pub use config::{Args, Config, KvTimeoutPolicy, ListenAddrs};
-pub use server::{listen, public_router, serve, telemetry_router, App, Listeners};
+pub use server::{bind, listen, public_router, serve, telemetry_router, App, Listeners};

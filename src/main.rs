@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pd_proxy::{App, Args, ListenAddrs, Listeners};
-use tokio::net::TcpListener;
 
 /// jemalloc, configured in `.cargo/config.toml` to hand freed pages back
 /// within a second. Measured against glibc: same RSS with 10,000 parked
@@ -55,8 +54,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: pd_proxy::Config, addrs: ListenAddrs) -> Result<(), String> {
-    let public = bind(&addrs.host, addrs.port).await?;
-    let telemetry = bind(&addrs.telemetry_host, addrs.telemetry_port).await?;
+    let public = pd_proxy::bind(&addrs.host, addrs.port).await?;
+    let telemetry = pd_proxy::bind(&addrs.telemetry_host, addrs.telemetry_port).await?;
     tracing::info!(
         api = %public.local_addr().map_err(|e| e.to_string())?,
         telemetry = %telemetry.local_addr().map_err(|e| e.to_string())?,
@@ -68,25 +67,6 @@ async fn run(config: pd_proxy::Config, addrs: ListenAddrs) -> Result<(), String>
     pd_proxy::serve(Listeners { public, telemetry }, app, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
-}
-
-/// Binds `host:port`. A name such as `localhost` may resolve to several
-/// addresses; IPv4 is tried first because LMCache's default telemetry URL
-/// and most clients say `127.0.0.1`/`localhost` and reach it over IPv4.
-async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
-    let mut addrs: Vec<_> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .collect();
-    addrs.sort_by_key(|a| !a.is_ipv4());
-    let mut last = format!("{host} resolved to no address");
-    for addr in addrs {
-        match pd_proxy::listen(addr) {
-            Ok(listener) => return Ok(listener),
-            Err(e) => last = format!("cannot listen on {addr}: {e}"),
-        }
-    }
-    Err(last)
 }
 
 async fn shutdown_signal() {

@@ -123,6 +123,26 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Linux clamps it to `net.core.somaxconn` (4096 by default since 5.4).
 const LISTEN_BACKLOG: u32 = 65_535;
 
+/// Listens on `host:port`. A name such as `localhost` may resolve to
+/// several addresses; IPv4 is tried first because LMCache's default
+/// telemetry URL and most clients say `127.0.0.1`/`localhost` and reach it
+/// over IPv4.
+pub async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+    let mut addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    let mut last = format!("{host} resolved to no address");
+    for addr in addrs {
+        match listen(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = format!("cannot listen on {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
 /// The listeners `serve` runs on; bound by the caller so tests can use port 0.
 pub struct Listeners {
     pub public: TcpListener,

@@ -101,24 +101,9 @@ impl Args {
 }
 
 async fn bind(host: &str, port: u16, role: &str) -> Result<(TcpListener, SocketAddr), String> {
-    let cannot = |e: std::io::Error| format!("cannot bind {role} on {host}:{port}: {e}");
-    let mut last = None;
-    let mut bound = None;
-    for addr in tokio::net::lookup_host((host, port))
+    let listener = pd_proxy::bind(host, port)
         .await
-        .map_err(cannot)?
-    {
-        match pd_proxy::listen(addr) {
-            Ok(listener) => {
-                bound = Some(listener);
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    let listener = bound.ok_or_else(|| {
-        cannot(last.unwrap_or_else(|| std::io::Error::other("the host resolved to no address")))
-    })?;
+        .map_err(|e| format!("cannot bind {role} on {host}:{port}: {e}"))?;
     let addr = listener
         .local_addr()
         .map_err(|e| format!("{role} listener has no address: {e}"))?;
