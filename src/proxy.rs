@@ -563,9 +563,6 @@ struct RelayBody {
     /// A non-SSE upstream failure, reported after the batch.
     error: Option<hyper::Error>,
     finished: bool,
-    /// The decoder's own length, taken before the first batch consumes
-    /// the body: a non-streaming answer keeps its Content-Length.
-    size: SizeHint,
     /// The last bytes relayed: a client may close as soon as it reads
     /// `data: [DONE]`, before the decoder's final chunk, and that answer
     /// was complete.
@@ -654,12 +651,6 @@ impl RelayBody {
             upstream_done: false,
             error: None,
             finished: false,
-            // An SSE stream may grow an error event, so it promises nothing.
-            size: if sse {
-                SizeHint::default()
-            } else {
-                inner.size_hint()
-            },
             inner,
             tail: [0; DONE.len()],
         }
@@ -818,8 +809,22 @@ impl http_body::Body for RelayBody {
         self.finished || self.drained()
     }
 
+    /// A non-streaming answer keeps its Content-Length: what the decoder
+    /// has yet to send plus what is gathered and not handed over (the
+    /// first bytes are gathered before hyper asks). An SSE stream may grow
+    /// an error event, so it promises nothing.
     fn size_hint(&self) -> SizeHint {
-        self.size
+        if self.sse {
+            return SizeHint::default();
+        }
+        let gathered = self.batch.len() as u64;
+        let upstream = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(upstream.lower() + gathered);
+        if let Some(upper) = upstream.upper() {
+            hint.set_upper(upper + gathered);
+        }
+        hint
     }
 }
 
