@@ -3,10 +3,11 @@
 //! rules so pd-proxy drops into existing launch scripts; every flag can also
 //! come from `PD_PROXY_<FLAG>` for container deployments.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use http::{HeaderValue, Uri};
+use http::HeaderValue;
 
 /// What to do when the prefiller's KV never reports as stored in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -17,6 +18,18 @@ pub enum KvTimeoutPolicy {
     /// Answer 504: for deployments where a silent recompute would hide a
     /// broken KV path.
     Fail,
+}
+
+/// How a role's endpoint is chosen for each request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Balance {
+    /// The less loaded of two endpoints drawn at random (power of two
+    /// choices), by the proxy's own count of requests in flight: a slow or
+    /// stuck server gets fewer requests, and no global scan or lock is
+    /// needed per pick.
+    LeastLoaded,
+    /// Each endpoint in turn, whatever its load.
+    RoundRobin,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -32,7 +45,9 @@ pub struct Args {
     pub host: String,
     #[arg(long, env = "PD_PROXY_PORT", default_value_t = 8000)]
     pub port: u16,
-    /// Prefiller host(s), comma separated.
+    /// Prefiller host(s), comma separated. A DNS name stands for every
+    /// address it resolves to (a Kubernetes headless Service: one per pod)
+    /// and is resolved again every --discovery-interval.
     #[arg(
         long,
         env = "PD_PROXY_PREFILLER_HOST",
@@ -51,7 +66,7 @@ pub struct Args {
     /// With one host and one port: that many prefillers on consecutive ports.
     #[arg(long, env = "PD_PROXY_NUM_PREFILLERS", default_value_t = 1)]
     pub num_prefillers: usize,
-    /// Decoder host(s), comma separated.
+    /// Decoder host(s), comma separated; names as for --prefiller-host.
     #[arg(
         long,
         env = "PD_PROXY_DECODER_HOST",
@@ -101,55 +116,122 @@ pub struct Args {
     /// without either, the client's own Authorization header is forwarded].
     #[arg(long, env = "PD_PROXY_UPSTREAM_API_KEY", hide_env_values = true)]
     pub upstream_api_key: Option<String>,
+    /// How often DNS names among the upstream hosts are resolved again.
+    #[arg(
+        long,
+        env = "PD_PROXY_DISCOVERY_INTERVAL",
+        default_value_t = 5.0,
+        value_name = "SECONDS"
+    )]
+    pub discovery_interval: f64,
+    /// How often every upstream's `GET /health` is checked: 3 failures in a
+    /// row take it out of rotation, 2 passes bring it back.
+    #[arg(
+        long,
+        env = "PD_PROXY_HEALTH_INTERVAL",
+        default_value_t = 2.0,
+        value_name = "SECONDS"
+    )]
+    pub health_interval: f64,
+    /// Longest wait for one health check's answer; no answer is a failure.
+    #[arg(
+        long,
+        env = "PD_PROXY_HEALTH_TIMEOUT",
+        default_value_t = 1.0,
+        value_name = "SECONDS"
+    )]
+    pub health_timeout: f64,
+    /// How a prefiller and a decoder are chosen for each request.
+    #[arg(long, env = "PD_PROXY_BALANCE", value_enum, default_value_t = Balance::LeastLoaded)]
+    pub balance: Balance,
+    /// Further prefillers tried when one refused or reset the connection
+    /// before answering, or answered 503.
+    #[arg(long, env = "PD_PROXY_PREFILL_RETRIES", default_value_t = 2)]
+    pub prefill_retries: u32,
+    /// Prompts estimated shorter than this many tokens go straight to a
+    /// decoder, without the prefill leg: LMCache stores whole 256-token
+    /// chunks, so a shorter prompt has nothing to reuse. 0: always
+    /// disaggregate.
+    #[arg(
+        long,
+        env = "PD_PROXY_DIRECT_BELOW_TOKENS",
+        default_value_t = 0,
+        value_name = "TOKENS"
+    )]
+    pub direct_below_tokens: u32,
 }
 
-/// One vLLM server, with the URIs the hot path needs built once.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    /// `host:port`, for logs.
-    pub authority: String,
-    pub chat_uri: Uri,
-    pub completions_uri: Uri,
-    pub models_uri: Uri,
+/// One `--*-host` entry with its port, as configured: an IP address is one
+/// endpoint, a name as many as it resolves to, then and at every
+/// re-resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The host as given, without IPv6 brackets.
+    pub host: String,
+    pub port: u16,
 }
 
-impl Endpoint {
+impl Target {
     fn new(host: &str, port: u16) -> Result<Self, String> {
-        if host.is_empty() {
+        let host = host.trim();
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if bare.is_empty() {
             return Err("empty upstream host".into());
         }
         if port == 0 {
             return Err(format!("upstream {host} has port 0"));
         }
-        let authority = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        let uri = |path: &str| {
-            format!("http://{authority}{path}")
-                .parse::<Uri>()
-                .map_err(|e| format!("invalid upstream address {authority}: {e}"))
-        };
-        Ok(Endpoint {
-            chat_uri: uri("/v1/chat/completions")?,
-            completions_uri: uri("/v1/completions")?,
-            models_uri: uri("/v1/models")?,
-            authority,
+        // A host goes into URIs and DNS queries: only what a name or an
+        // address can hold.
+        let valid = bare.parse::<IpAddr>().is_ok()
+            || (bare.len() <= 253
+                && bare
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'));
+        if !valid {
+            return Err(format!("upstream host {host:?} is neither an IP address nor a DNS name"));
+        }
+        Ok(Target {
+            host: bare.to_owned(),
+            port,
         })
+    }
+
+    /// The address, when the host is an IP literal rather than a name.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.host.parse().ok()
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
     }
 }
 
 /// The validated configuration `serve` runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub prefillers: Vec<Endpoint>,
-    pub decoders: Vec<Endpoint>,
+    pub prefillers: Vec<Target>,
+    pub decoders: Vec<Target>,
     pub kv_ready_timeout: Duration,
     pub on_kv_timeout: KvTimeoutPolicy,
     pub upstream_timeout: Duration,
     /// Ready-made `Authorization` value, so the hot path only clones it.
     pub upstream_auth: Option<HeaderValue>,
+    pub discovery_interval: Duration,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    pub balance: Balance,
+    pub prefill_retries: u32,
+    pub direct_below_tokens: u32,
 }
 
 /// Where to listen; kept apart from [`Config`] because tests bind their own
@@ -194,6 +276,21 @@ impl Args {
             })
             .transpose()?;
         let telemetry_host = self.telemetry_host.unwrap_or_else(|| self.host.clone());
+        if self.port != 0 && self.port == self.telemetry_port {
+            return Err(format!(
+                "--telemetry-port {} is also the API port (--port): give the telemetry endpoint a port of its own",
+                self.port
+            ));
+        }
+        if self.prefill_retries > MAX_PREFILL_RETRIES {
+            return Err(format!(
+                "--prefill-retries {} is more than {MAX_PREFILL_RETRIES}",
+                self.prefill_retries
+            ));
+        }
+        let discovery_interval = seconds("--discovery-interval", self.discovery_interval)?;
+        let health_interval = seconds("--health-interval", self.health_interval)?;
+        let health_timeout = seconds("--health-timeout", self.health_timeout)?;
         Ok((
             Config {
                 prefillers,
@@ -202,6 +299,12 @@ impl Args {
                 on_kv_timeout: self.on_kv_timeout,
                 upstream_timeout,
                 upstream_auth,
+                discovery_interval,
+                health_interval,
+                health_timeout,
+                balance: self.balance,
+                prefill_retries: self.prefill_retries,
+                direct_below_tokens: self.direct_below_tokens,
             },
             ListenAddrs {
                 host: self.host,
@@ -212,6 +315,10 @@ impl Args {
         ))
     }
 }
+
+/// Each retry is another prefiller's work for one request; a handful is
+/// plenty, and a bound keeps a typo from multiplying the load.
+const MAX_PREFILL_RETRIES: u32 = 16;
 
 fn seconds(flag: &str, value: f64) -> Result<Duration, String> {
     if !(value.is_finite() && value > 0.0 && value < 1e9) {
@@ -230,7 +337,7 @@ fn endpoints(
     hosts: &[String],
     ports: &[u16],
     count: usize,
-) -> Result<Vec<Endpoint>, String> {
+) -> Result<Vec<Target>, String> {
     let hosts: Vec<&str> = hosts.iter().map(|h| h.trim()).collect();
     if hosts.is_empty() || ports.is_empty() {
         return Err(format!("--{role}-host and --{role}-port must not be empty"));
@@ -257,10 +364,14 @@ fn endpoints(
             ))
         }
     };
-    pairs
-        .into_iter()
-        .map(|(h, p)| Endpoint::new(h, p).map_err(|e| format!("{role}: {e}")))
-        .collect()
+    let mut targets: Vec<Target> = Vec::with_capacity(pairs.len());
+    for (h, p) in pairs {
+        let target = Target::new(h, p).map_err(|e| format!("{role}: {e}"))?;
+        if !targets.contains(&target) {
+            targets.push(target);
+        }
+    }
+    Ok(targets)
 }
 
 #[cfg(test)]
@@ -275,8 +386,8 @@ mod tests {
             .resolve(None)
     }
 
-    fn authorities(eps: &[Endpoint]) -> Vec<&str> {
-        eps.iter().map(|e| e.authority.as_str()).collect()
+    fn authorities(targets: &[Target]) -> Vec<String> {
+        targets.iter().map(Target::to_string).collect()
     }
 
     #[test]
@@ -323,6 +434,14 @@ mod tests {
         assert!(err.contains("maybe"), "{err}");
         let err = parse(&["--prefiller-port", "0"]).unwrap_err();
         assert!(err.contains("port 0"), "{err}");
+        let err = parse(&["--port", "9000", "--telemetry-port", "9000"]).unwrap_err();
+        assert!(err.contains("--telemetry-port 9000"), "{err}");
+        let err = parse(&["--decoder-host", "a/b"]).unwrap_err();
+        assert!(err.contains("neither an IP"), "{err}");
+        let err = parse(&["--health-interval", "0"]).unwrap_err();
+        assert!(err.contains("--health-interval"), "{err}");
+        let err = parse(&["--balance", "random"]).unwrap_err();
+        assert!(err.contains("random"), "{err}");
     }
 
     #[test]

@@ -46,6 +46,16 @@ pub enum ProxyError {
     Upstream { leg: Leg, detail: String },
     #[error("{} upstream did not answer within {secs:.1}s", leg.as_str())]
     UpstreamTimeout { leg: Leg, secs: f64 },
+    /// No endpoint of a role is known: every name failed to resolve so far
+    /// (pods not started yet) or answered with no address.
+    #[error("no {0} is known yet; discovery has found no address")]
+    NoUpstream(&'static str),
+    /// `/ready` while a role has no healthy endpoint.
+    #[error("{0}")]
+    NotReady(String),
+    /// The request came from a pd-proxy: forwarding it would loop.
+    #[error("request loop: this request was already forwarded by a pd-proxy (x-pd-proxy-hop); is an upstream pointing back at a proxy?")]
+    LoopDetected,
     /// `--on-kv-timeout fail`: the prefiller's KV never reported as stored.
     #[error("KV cache was not reported stored within {secs:.1}s (--kv-ready-timeout)")]
     KvTimeout { secs: f64 },
@@ -69,6 +79,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } | ProxyError::KvTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            ProxyError::NoUpstream(_) | ProxyError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::LoopDetected => StatusCode::LOOP_DETECTED,
         }
     }
 
@@ -84,6 +96,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } | ProxyError::KvTimeout { .. } => {
                 "GatewayTimeoutError"
             }
+            ProxyError::NoUpstream(_) | ProxyError::NotReady(_) => "ServiceUnavailableError",
+            ProxyError::LoopDetected => "LoopDetectedError",
         }
     }
 

@@ -14,8 +14,10 @@
 //! The decoder finds the prompt's KV in LMCache and skips the prefill. The
 //! request path reads top to bottom in `proxy.rs`.
 
+pub mod app;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod metrics;
 pub mod openai;
 pub mod pending;
@@ -25,5 +27,6 @@ pub mod sim;
 pub mod telemetry;
 pub mod upstream;
 
-pub use config::{Args, Config, KvTimeoutPolicy, ListenAddrs};
-pub use server::{bind, listen, public_router, serve, telemetry_router, App, Listeners};
+pub use app::App;
+pub use config::{Args, Balance, Config, KvTimeoutPolicy, ListenAddrs};
+pub use server::{bind, listen, public_router, serve, telemetry_router, Listeners};

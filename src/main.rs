@@ -42,7 +42,11 @@ fn main() -> ExitCode {
     // the proxy before, 9 after).
     match runtime.block_on(async { tokio::spawn(run(config, addrs)).await }) {
         Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(message)) => {
+        Ok(Err(Failure::Config(message))) => {
+            eprintln!("pd-proxy: error: {message}");
+            ExitCode::from(2)
+        }
+        Ok(Err(Failure::Run(message))) => {
             eprintln!("pd-proxy: error: {message}");
             ExitCode::FAILURE
         }
@@ -53,20 +57,39 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: pd_proxy::Config, addrs: ListenAddrs) -> Result<(), String> {
-    let public = pd_proxy::bind(&addrs.host, addrs.port).await?;
-    let telemetry = pd_proxy::bind(&addrs.telemetry_host, addrs.telemetry_port).await?;
+/// Why the proxy stopped: a configuration found wrong only once the
+/// listeners are bound (exit code 2, like any bad flag), or a failure
+/// while running.
+enum Failure {
+    Config(String),
+    Run(String),
+}
+
+async fn run(config: pd_proxy::Config, addrs: ListenAddrs) -> Result<(), Failure> {
+    let public = pd_proxy::bind(&addrs.host, addrs.port)
+        .await
+        .map_err(Failure::Run)?;
+    let telemetry = pd_proxy::bind(&addrs.telemetry_host, addrs.telemetry_port)
+        .await
+        .map_err(Failure::Run)?;
+    let own = [public.local_addr(), telemetry.local_addr()]
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure::Run(e.to_string()))?;
+    pd_proxy::fleet::check_not_self(&config, &own, &pd_proxy::fleet::SystemResolver)
+        .await
+        .map_err(Failure::Config)?;
     tracing::info!(
-        api = %public.local_addr().map_err(|e| e.to_string())?,
-        telemetry = %telemetry.local_addr().map_err(|e| e.to_string())?,
-        prefillers = ?config.prefillers.iter().map(|e| &e.authority).collect::<Vec<_>>(),
-        decoders = ?config.decoders.iter().map(|e| &e.authority).collect::<Vec<_>>(),
+        api = %own[0],
+        telemetry = %own[1],
+        prefillers = ?config.prefillers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        decoders = ?config.decoders.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "pd-proxy listening"
     );
     let app = App::new(config);
     pd_proxy::serve(Listeners { public, telemetry }, app, shutdown_signal())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| Failure::Run(e.to_string()))
 }
 
 async fn shutdown_signal() {

@@ -1,6 +1,6 @@
 //! Every metric the proxy exports, named in one place.
 //!
-//! Each [`App`](crate::server::App) owns its own Prometheus recorder instead
+//! Each [`App`](crate::app::App) owns its own Prometheus recorder instead
 //! of installing a global one: several proxies in one process (tests, or an
 //! embedding program) then keep separate counts, and the hot path uses
 //! handles registered once instead of a name lookup per update.
@@ -12,6 +12,7 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::error::Leg;
+use crate::fleet::Role;
 use crate::openai::Api;
 
 pub const REQUESTS: &str = "pd_proxy_requests_total";
@@ -25,6 +26,28 @@ pub const TELEMETRY_UNKNOWN_IDS: &str = "pd_proxy_telemetry_unknown_ids_total";
 pub const KV_TIMEOUTS: &str = "pd_proxy_kv_ready_timeouts_total";
 pub const UPSTREAM_ERRORS: &str = "pd_proxy_upstream_errors_total";
 pub const CLIENT_DISCONNECTS: &str = "pd_proxy_client_disconnects_total";
+pub const RETRIES: &str = "pd_proxy_retries_total";
+pub const ROUTES: &str = "pd_proxy_routes_total";
+pub const PANIC_PICKS: &str = "pd_proxy_panic_picks_total";
+pub const LOOPS: &str = "pd_proxy_loops_refused_total";
+// Rendered by the fleet from its live endpoints, see
+// `Fleet::render_metrics`.
+pub const ENDPOINT_HEALTHY: &str = "pd_proxy_endpoint_healthy";
+pub const ENDPOINT_IN_FLIGHT: &str = "pd_proxy_endpoint_in_flight";
+pub const ENDPOINT_REQUESTS: &str = "pd_proxy_endpoint_requests_total";
+pub const ENDPOINT_EJECTIONS: &str = "pd_proxy_endpoint_ejections_total";
+pub const ENDPOINT_RETRIES: &str = "pd_proxy_endpoint_retries_total";
+pub const DISCOVERY_ERRORS: &str = "pd_proxy_discovery_errors_total";
+
+/// How a request was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Prefill, KV wait, decode.
+    Pd,
+    /// Straight to a decoder: the prompt is shorter than
+    /// `--direct-below-tokens`.
+    Direct,
+}
 
 /// Latency buckets from 1 ms to 5 min: prefills of long prompts take
 /// seconds, the proxy's own work well under a millisecond.
@@ -48,6 +71,10 @@ pub struct Metrics {
     pub kv_timeouts: Counter,
     pub client_disconnects: Counter,
     upstream_errors: [Counter; 3],
+    retries: [Counter; 2],
+    routes: [Counter; 2],
+    panic_picks: [Counter; 2],
+    pub loops: Counter,
 }
 
 impl Metrics {
@@ -107,6 +134,26 @@ impl Metrics {
             None,
             "Requests whose client left before the answer ended.",
         );
+        describe(
+            RETRIES,
+            None,
+            "Upstream calls tried again on another endpoint, by leg.",
+        );
+        describe(
+            ROUTES,
+            None,
+            "Requests by route: pd (prefill, then decode) or direct (decoder only).",
+        );
+        describe(
+            PANIC_PICKS,
+            None,
+            "Endpoint choices made with no healthy endpoint of the role, among all of them.",
+        );
+        describe(
+            LOOPS,
+            None,
+            "Requests refused with 508 because they came from a pd-proxy.",
+        );
         let counter =
             |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
         let histogram = |name: &'static str| {
@@ -118,7 +165,20 @@ impl Metrics {
                 &METADATA,
             )
         };
+        let labelled = |name: &'static str, labels: &'static [Label]| {
+            recorder.register_counter(&Key::from_static_parts(name, labels), &METADATA)
+        };
         Arc::new(Metrics {
+            retries: [
+                labelled(RETRIES, &PREFILL_LABELS),
+                labelled(RETRIES, &DECODE_LABELS),
+            ],
+            routes: [labelled(ROUTES, &PD_LABELS), labelled(ROUTES, &DIRECT_LABELS)],
+            panic_picks: [
+                labelled(PANIC_PICKS, &PREFILLER_LABELS),
+                labelled(PANIC_PICKS, &DECODER_LABELS),
+            ],
+            loops: counter(LOOPS),
             pending: recorder.register_gauge(&Key::from_static_name(PENDING), &METADATA),
             prefill_seconds: histogram(PREFILL_SECONDS),
             kv_wait_seconds: histogram(KV_WAIT_SECONDS),
@@ -140,6 +200,19 @@ impl Metrics {
             Leg::Models => 2,
         };
         self.upstream_errors[i].increment(1);
+    }
+
+    /// `leg` is the prefill or the decode.
+    pub fn retry(&self, leg: Leg) {
+        self.retries[usize::from(leg == Leg::Decode)].increment(1);
+    }
+
+    pub fn route(&self, route: Route) {
+        self.routes[usize::from(route == Route::Direct)].increment(1);
+    }
+
+    pub fn panic_pick(&self, role: Role) {
+        self.panic_picks[usize::from(role == Role::Decoder)].increment(1);
     }
 
     pub fn request(&self, api: Api, status: u16) {
@@ -189,6 +262,10 @@ impl Metrics {
 static PREFILL_LABELS: [Label; 1] = [Label::from_static_parts("leg", "prefill")];
 static DECODE_LABELS: [Label; 1] = [Label::from_static_parts("leg", "decode")];
 static MODELS_LABELS: [Label; 1] = [Label::from_static_parts("leg", "models")];
+static PD_LABELS: [Label; 1] = [Label::from_static_parts("route", "pd")];
+static DIRECT_LABELS: [Label; 1] = [Label::from_static_parts("route", "direct")];
+static PREFILLER_LABELS: [Label; 1] = [Label::from_static_parts("role", "prefiller")];
+static DECODER_LABELS: [Label; 1] = [Label::from_static_parts("role", "decoder")];
 
 fn leg_labels(leg: Leg) -> &'static [Label] {
     match leg {

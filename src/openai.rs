@@ -42,6 +42,9 @@ pub struct ClientRequest {
     /// Engine requests vLLM makes of it: one per prompt of a completions
     /// batch. Each one reports its KV separately.
     pub prompts: usize,
+    /// The prompt's length in tokens as [`estimate_tokens`] guesses it
+    /// (for a batch, its longest prompt's), for `--direct-below-tokens`.
+    pub estimated_prompt_tokens: u64,
 }
 
 impl ClientRequest {
@@ -69,10 +72,15 @@ impl ClientRequest {
             Api::Chat => 1,
             Api::Completions => prompt_count(body.get("prompt")),
         };
+        let estimated_prompt_tokens = match api {
+            Api::Chat => chat_tokens(body.get("messages")),
+            Api::Completions => completion_tokens(body.get("prompt")),
+        };
         Ok(ClientRequest {
             body,
             stream,
             prompts,
+            estimated_prompt_tokens,
         })
     }
 
@@ -107,6 +115,65 @@ fn prompt_count(prompt: Option<&Value>) -> usize {
         Some(Value::Array(items)) if items.iter().all(|i| i.is_number()) => 1,
         Some(Value::Array(items)) => items.len().max(1),
         _ => 1,
+    }
+}
+
+/// UTF-8 bytes per token of English text under the BPE vocabularies of
+/// current models (measured on the CPU stack's Qwen2 tokenizer, see the
+/// README); text in other scripts packs fewer bytes per token, so it is
+/// underestimated, which errs towards the full PD path.
+pub const BYTES_PER_TOKEN: u64 = 4;
+
+/// Tokens a chat template adds per message (role markers, separators)
+/// and once per conversation (the generation prompt), as measured on the
+/// same tokenizer.
+pub const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 5;
+pub const TEMPLATE_TOKENS_FIXED: u64 = 3;
+
+/// Estimates a text's token count from its length: exact counting needs
+/// the model's tokenizer and chat template, and a prompt near the
+/// threshold loses little either way (a few tokens of one chunk).
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(BYTES_PER_TOKEN)
+}
+
+/// A chat prompt: every message's text (a string, or the `text` of its
+/// content parts) plus the template's markers.
+fn chat_tokens(messages: Option<&Value>) -> u64 {
+    let Some(Value::Array(messages)) = messages else {
+        return 0;
+    };
+    let mut tokens = TEMPLATE_TOKENS_FIXED;
+    for message in messages {
+        tokens += TEMPLATE_TOKENS_PER_MESSAGE;
+        match message.get("content") {
+            Some(Value::String(text)) => tokens += estimate_tokens(text),
+            Some(Value::Array(parts)) => {
+                for part in parts {
+                    if let Some(Value::String(text)) = part.get("text") {
+                        tokens += estimate_tokens(text);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    tokens
+}
+
+/// A completions prompt: a string is estimated, a token list counted;
+/// for a batch, the longest prompt decides, since sending a batch direct
+/// gives up the reuse of all its prompts.
+fn completion_tokens(prompt: Option<&Value>) -> u64 {
+    match prompt {
+        Some(Value::String(text)) => estimate_tokens(text),
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => items.len() as u64,
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| completion_tokens(Some(item)))
+            .max()
+            .unwrap_or(0),
+        _ => 0,
     }
 }
 

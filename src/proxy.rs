@@ -9,6 +9,7 @@
 //! the [`ParkedGuard`] (freeing the parked entry). No task is spawned per
 //! request, so nothing outlives its client.
 
+use std::error::Error as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -26,11 +27,13 @@ use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tracing::Instrument;
 
-use crate::config::{Endpoint, KvTimeoutPolicy};
+use crate::app::App;
+use crate::config::KvTimeoutPolicy;
 use crate::error::{error_json, Leg, ProxyError};
+use crate::fleet::{Endpoint, InFlight, Role};
+use crate::metrics::Route;
 use crate::openai::{Api, ClientRequest};
 use crate::pending::{ParkedGuard, RequestId};
-use crate::server::App;
 use crate::upstream;
 
 /// Largest request body accepted. Long-context prompts run to megabytes of
@@ -52,6 +55,9 @@ pub async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: 
 }
 
 async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Response {
+    if let Some(refusal) = refuse_loop(&app, &headers) {
+        return refusal;
+    }
     // Header values share hyper's connection read buffer; a request parked
     // for seconds must not pin that buffer, so only a copy of the one
     // header used later is kept.
@@ -89,6 +95,18 @@ fn upstream_auth(app: &App, headers: &HeaderMap) -> Option<HeaderValue> {
     Some(copy)
 }
 
+/// A request that a pd-proxy already forwarded is not forwarded again:
+/// an upstream list that points back at a proxy would otherwise recurse
+/// until file descriptors run out.
+fn refuse_loop(app: &App, headers: &HeaderMap) -> Option<Response> {
+    if !headers.contains_key(&upstream::HOP_HEADER) {
+        return None;
+    }
+    app.metrics.loops.increment(1);
+    tracing::warn!("refused a request that came from a pd-proxy (x-pd-proxy-hop): an upstream points back at a proxy");
+    Some(ProxyError::LoopDetected.into_response())
+}
+
 fn id_header(id: RequestId) -> HeaderValue {
     HeaderValue::try_from(id.to_string()).expect("hex is a valid header value")
 }
@@ -104,26 +122,34 @@ async fn run(
     let raw = read_body(body).await?;
     // Only the rewritten copy and the prompt count outlive parsing: the
     // parsed body would otherwise sit in memory for the whole KV wait.
-    let (prefill_body, prompts) = {
+    let (prefill_body, prompts, route) = {
         let request = ClientRequest::parse(api, &raw)?;
         log.stream = request.stream;
-        (request.prefill_body(), request.prompts)
+        let threshold = app.config.direct_below_tokens;
+        let route = if threshold > 0 && request.estimated_prompt_tokens < u64::from(threshold) {
+            Route::Direct
+        } else {
+            Route::Pd
+        };
+        let prefill_body = (route == Route::Pd).then(|| request.prefill_body());
+        (prefill_body, request.prompts, route)
     };
-    let prefiller = app.prefillers.pick();
-    let decoder = app.decoders.pick();
-    let (guard, kv_ready) = app.pending.park(id, prompts);
-    // The steps around the KV wait are boxed. Inline, their futures (hyper's
-    // client calls: 2.2 KB for the prefill, 1.1 KB for the decode, 1 KB for
-    // the relay) would size the whole request future, and a parked request
-    // would hold 6.1 KB through the wait instead of 1 KB.
-    if let Some(refusal) =
-        Box::pin(prefill(app, api, prefiller, prefill_body, id, auth, log)).await?
-    {
-        return Ok(refusal);
+    log.route = route;
+    app.metrics.route(route);
+    if let Some(prefill_body) = prefill_body {
+        let (guard, kv_ready) = app.pending.park(id, prompts);
+        // The steps around the KV wait are boxed. Inline, their futures
+        // (hyper's client calls: 2.2 KB for the prefill, 1.1 KB for the
+        // decode, 1 KB for the relay) would size the whole request future,
+        // and a parked request would hold 6.1 KB through the wait instead
+        // of 1 KB.
+        if let Some(refusal) = Box::pin(prefill(app, api, prefill_body, id, auth, log)).await? {
+            return Ok(refusal);
+        }
+        await_kv(app, guard, kv_ready, log).await?;
     }
-    await_kv(app, guard, kv_ready, log).await?;
-    let answer = Box::pin(decode(app, api, decoder, raw, auth, id)).await?;
-    Box::pin(relay(app, decoder, answer, log)).await
+    let answer = Box::pin(decode(app, api, raw, auth, id)).await?;
+    Box::pin(relay(app, answer, log)).await
 }
 
 async fn read_body(body: Body) -> Result<Bytes, ProxyError> {
@@ -151,31 +177,183 @@ fn uri(endpoint: &Endpoint, api: Api) -> &Uri {
     }
 }
 
+/// How an upstream call failed, which decides whether another endpoint
+/// may take the request over.
+enum CallError {
+    /// No connection could be made: the server never saw the request.
+    Connect(String),
+    /// The connection was refused, reset or closed before any of the
+    /// answer came back.
+    Reset(String),
+    /// Anything else, such as an answer that broke off: the server may
+    /// have done the work.
+    Other(String),
+}
+
+impl CallError {
+    fn from_client(err: hyper_util::client::legacy::Error) -> Self {
+        let detail = match err.source() {
+            Some(source) => format!("{err}: {source}"),
+            None => err.to_string(),
+        };
+        if err.is_connect() {
+            return CallError::Connect(detail);
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = err.source();
+        while let Some(e) = cause {
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                if h.is_incomplete_message() || h.is_canceled() {
+                    return CallError::Reset(detail);
+                }
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::BrokenPipe
+                ) {
+                    return CallError::Reset(detail);
+                }
+            }
+            cause = e.source();
+        }
+        CallError::Other(detail)
+    }
+
+    fn detail(&self) -> &str {
+        match self {
+            CallError::Connect(d) | CallError::Reset(d) | CallError::Other(d) => d,
+        }
+    }
+}
+
+/// Picks an endpoint of `role` not yet tried; counts a retry when this is
+/// not the first try, and a panic pick when no endpoint was healthy.
+fn pick(
+    app: &App,
+    role: Role,
+    leg: Leg,
+    tried: &[Arc<Endpoint>],
+    last_error: Option<ProxyError>,
+) -> Result<Arc<Endpoint>, ProxyError> {
+    let Some(pick) = app.fleet.role(role).pick(tried) else {
+        if let Some(err) = last_error {
+            return Err(err);
+        }
+        app.metrics.upstream_error(leg);
+        return Err(ProxyError::NoUpstream(role.as_str()));
+    };
+    if pick.panic {
+        app.metrics.panic_pick(role);
+    }
+    if let Some(previous) = tried.last() {
+        previous.count_retry();
+        app.metrics.retry(leg);
+        tracing::warn!(
+            leg = leg.as_str(),
+            from = %previous.authority,
+            to = %pick.endpoint.authority,
+            "retrying on another endpoint"
+        );
+    }
+    Ok(pick.endpoint)
+}
+
 /// Sends the one-token copy and reads its answer whole. `Ok(Some(..))` is
 /// the prefiller's own 4xx, passed to the client as it came: vLLM's
 /// validation message is the best answer there is, and decoding a request
 /// the engine refused is pointless.
+///
+/// A prefill that never reached an engine (connection refused, reset or
+/// closed before any answer) or that an engine turned away with 503 moves
+/// to another prefiller, up to `--prefill-retries` times, all within one
+/// `--upstream-timeout`. Nothing else is tried twice: a timed-out prefill
+/// may still be computing.
 async fn prefill(
     app: &App,
     api: Api,
-    prefiller: &Endpoint,
     body: Bytes,
     id: RequestId,
     auth: Option<&HeaderValue>,
     log: &mut RequestLog,
 ) -> Result<Option<Response>, ProxyError> {
     let started = Instant::now();
-    let req = upstream::post_json(
-        uri(prefiller, api),
-        body,
-        auth,
-        Some((X_REQUEST_ID.as_str(), id_header(id))),
-    );
-    let call = async {
-        let response = app.client.request(req).await.map_err(|e| e.to_string())?;
-        read_whole(response).await
+    let deadline = tokio::time::Instant::now() + app.config.upstream_timeout;
+    let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+    let mut last_error = None;
+    let (prefiller, status, headers, answer) = loop {
+        let prefiller = pick(app, Role::Prefiller, Leg::Prefill, &tried, last_error.take())?;
+        tried.push(Arc::clone(&prefiller));
+        let retries_left = tried.len() <= app.config.prefill_retries as usize;
+        let mut req = upstream::post_json(
+            uri(&prefiller, api),
+            body.clone(),
+            auth,
+            Some((X_REQUEST_ID.as_str(), id_header(id))),
+        );
+        req.headers_mut().insert(
+            upstream::LOAD_FORMAT_HEADER.clone(),
+            HeaderValue::from_static("JSON"),
+        );
+        let in_flight = prefiller.start();
+        let call = async {
+            let response = app
+                .client
+                .request(req)
+                .await
+                .map_err(CallError::from_client)?;
+            if let Some(waiting) = response
+                .headers()
+                .get(&upstream::LOAD_HEADER)
+                .and_then(upstream::orca_waiting)
+            {
+                prefiller.report_orca_waiting(waiting);
+            }
+            read_whole(response).await.map_err(CallError::Other)
+        };
+        let result = tokio::time::timeout_at(deadline, call).await;
+        drop(in_flight);
+        let failure = match result {
+            Err(_) => {
+                app.metrics.upstream_error(Leg::Prefill);
+                return Err(ProxyError::UpstreamTimeout {
+                    leg: Leg::Prefill,
+                    secs: app.config.upstream_timeout.as_secs_f64(),
+                });
+            }
+            Ok(Ok((status, headers, answer))) => {
+                if status.is_server_error() {
+                    prefiller.passive_failure(&format!("answered {status}"));
+                } else {
+                    prefiller.passive_success();
+                }
+                if status != StatusCode::SERVICE_UNAVAILABLE || !retries_left {
+                    break (prefiller, status, headers, answer);
+                }
+                format!("answered {status}: {}", snippet(&answer))
+            }
+            Ok(Err(err)) => {
+                if matches!(err, CallError::Connect(_) | CallError::Reset(_)) {
+                    prefiller.passive_failure(err.detail());
+                }
+                if matches!(err, CallError::Other(_)) || !retries_left {
+                    app.metrics.upstream_error(Leg::Prefill);
+                    return Err(ProxyError::Upstream {
+                        leg: Leg::Prefill,
+                        detail: format!("{}: {}", prefiller.authority, err.detail()),
+                    });
+                }
+                err.detail().to_owned()
+            }
+        };
+        app.metrics.upstream_error(Leg::Prefill);
+        last_error = Some(ProxyError::Upstream {
+            leg: Leg::Prefill,
+            detail: format!("{}: {failure}", prefiller.authority),
+        });
     };
-    let (status, headers, body) = bounded(app, Leg::Prefill, prefiller, call).await?;
     let elapsed = started.elapsed();
     app.metrics.prefill_seconds.record(elapsed);
     log.prefill = Some(elapsed);
@@ -185,7 +363,7 @@ async fn prefill(
     if status.is_client_error() {
         log.status = Some(status.as_u16());
         log.outcome = Outcome::Refused;
-        return Ok(Some(passthrough(status, headers, body)));
+        return Ok(Some(passthrough(status, headers, answer)));
     }
     app.metrics.upstream_error(Leg::Prefill);
     Err(ProxyError::Upstream {
@@ -193,7 +371,7 @@ async fn prefill(
         detail: format!(
             "{} answered {status}: {}",
             prefiller.authority,
-            snippet(&body)
+            snippet(&answer)
         ),
     })
 }
@@ -235,6 +413,12 @@ async fn await_kv(
     }
 }
 
+/// Decoders tried after the first when a connection cannot be made. The
+/// KV is in the shared store, so any decoder can serve the request; but
+/// once a decoder has the request, it may be generating, and it is never
+/// sent again.
+const DECODE_CONNECT_RETRIES: usize = 2;
+
 /// Sends the client's body, byte for byte, and waits for the answer's
 /// headers. A 5xx there is the decoder's failure, not the client's. The
 /// decoder gets the same `X-Request-Id` as the prefiller, so one id names
@@ -242,24 +426,56 @@ async fn await_kv(
 async fn decode(
     app: &App,
     api: Api,
-    decoder: &Endpoint,
     raw: Bytes,
     auth: Option<&HeaderValue>,
     id: RequestId,
 ) -> Result<DecoderAnswer, ProxyError> {
     let started = Instant::now();
-    let req = upstream::post_json(
-        uri(decoder, api),
-        raw,
-        auth,
-        Some((X_REQUEST_ID.as_str(), id_header(id))),
-    );
-    let call = async { app.client.request(req).await.map_err(|e| e.to_string()) };
-    let response = bounded(app, Leg::Decode, decoder, call).await?;
+    let deadline = tokio::time::Instant::now() + app.config.upstream_timeout;
+    let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+    let mut last_error = None;
+    let (response, in_flight) = loop {
+        let decoder = pick(app, Role::Decoder, Leg::Decode, &tried, last_error.take())?;
+        tried.push(Arc::clone(&decoder));
+        let req = upstream::post_json(
+            uri(&decoder, api),
+            raw.clone(),
+            auth,
+            Some((X_REQUEST_ID.as_str(), id_header(id))),
+        );
+        let in_flight = decoder.start();
+        match tokio::time::timeout_at(deadline, app.client.request(req)).await {
+            Ok(Ok(response)) => break (response, in_flight),
+            Err(_) => {
+                app.metrics.upstream_error(Leg::Decode);
+                return Err(ProxyError::UpstreamTimeout {
+                    leg: Leg::Decode,
+                    secs: app.config.upstream_timeout.as_secs_f64(),
+                });
+            }
+            Ok(Err(err)) => {
+                let err = CallError::from_client(err);
+                if matches!(err, CallError::Connect(_) | CallError::Reset(_)) {
+                    decoder.passive_failure(err.detail());
+                }
+                app.metrics.upstream_error(Leg::Decode);
+                let failure = ProxyError::Upstream {
+                    leg: Leg::Decode,
+                    detail: format!("{}: {}", decoder.authority, err.detail()),
+                };
+                if !matches!(err, CallError::Connect(_)) || tried.len() > DECODE_CONNECT_RETRIES {
+                    return Err(failure);
+                }
+                last_error = Some(failure);
+            }
+        }
+    };
+    let decoder = Arc::clone(in_flight.endpoint());
     if response.status().is_server_error() {
         app.metrics.upstream_error(Leg::Decode);
         let status = response.status();
-        let body = timeout(app.config.upstream_timeout, read_whole(response))
+        decoder.passive_failure(&format!("answered {status}"));
+        let body = tokio::time::timeout_at(deadline, read_whole(response))
             .await
             .ok()
             .and_then(Result::ok)
@@ -274,12 +490,19 @@ async fn decode(
             ),
         });
     }
-    Ok(DecoderAnswer { response, started })
+    decoder.passive_success();
+    Ok(DecoderAnswer {
+        response,
+        started,
+        in_flight,
+    })
 }
 
 struct DecoderAnswer {
     response: http::Response<Incoming>,
     started: Instant,
+    /// Counts the request at its decoder until the relayed body is done.
+    in_flight: InFlight,
 }
 
 /// Streams the decoder's answer to the client as its frames arrive. The
@@ -287,13 +510,13 @@ struct DecoderAnswer {
 /// `--upstream-timeout`, like the headers themselves), so both leave in one
 /// write and a decoder that never starts its stream is a 504, not a hung
 /// 200.
-async fn relay(
-    app: &App,
-    decoder: &Endpoint,
-    answer: DecoderAnswer,
-    log: &mut RequestLog,
-) -> Result<Response, ProxyError> {
-    let DecoderAnswer { response, started } = answer;
+async fn relay(app: &App, answer: DecoderAnswer, log: &mut RequestLog) -> Result<Response, ProxyError> {
+    let DecoderAnswer {
+        response,
+        started,
+        in_flight,
+    } = answer;
+    let decoder = Arc::clone(in_flight.endpoint());
     let status = response.status();
     let headers = upstream::relayed_headers(&response);
     let sse = headers
@@ -302,12 +525,12 @@ async fn relay(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     log.status = Some(status.as_u16());
     let owned_log = std::mem::replace(log, RequestLog::detached());
-    let mut body = RelayBody::new(response.into_body(), owned_log, started, sse);
+    let mut body = RelayBody::new(response.into_body(), owned_log, started, sse, in_flight);
     let first = async {
         std::future::poll_fn(|cx| body.gather(cx)).await;
         Ok(())
     };
-    if let Err(err) = bounded(app, Leg::Decode, decoder, first).await {
+    if let Err(err) = bounded(app, Leg::Decode, &decoder, first).await {
         // The request's log comes back to the caller, which records the
         // failure.
         *log = std::mem::replace(&mut body.log, RequestLog::detached());
@@ -373,14 +596,19 @@ fn snippet(body: &[u8]) -> String {
 }
 
 /// Upstream answers relayed to `/v1/models`: the first prefiller that
-/// answers 200, else the first decoder. Each try is bounded, so one dead
-/// server costs at most the connect timeout.
+/// answers 200, else the first decoder, healthy endpoints first. Each try
+/// is bounded, so one dead server costs at most the connect timeout.
 pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refuse_loop(&app, &headers) {
+        return refusal;
+    }
     let auth = upstream_auth(&app, &headers);
     let auth = auth.as_ref();
-    let candidates = app.prefillers.all().iter().chain(app.decoders.all());
-    let mut last_error = String::from("no upstream configured");
-    for endpoint in candidates {
+    let (prefillers, decoders) = (app.fleet.prefillers.snapshot(), app.fleet.decoders.snapshot());
+    let all: Vec<&Arc<Endpoint>> = prefillers.iter().chain(decoders.iter()).collect();
+    let (healthy, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| e.healthy());
+    let mut last_error = String::from("no upstream is known yet");
+    for endpoint in healthy.into_iter().chain(rest) {
         let call = async {
             let response = app
                 .client
@@ -440,6 +668,7 @@ struct RequestLog {
     span: tracing::Span,
     started: Instant,
     stream: bool,
+    route: Route,
     status: Option<u16>,
     prefill: Option<Duration>,
     kv_wait: Option<Duration>,
@@ -456,6 +685,7 @@ impl RequestLog {
             span,
             started: Instant::now(),
             stream: false,
+            route: Route::Pd,
             status: None,
             prefill: None,
             kv_wait: None,
@@ -474,6 +704,7 @@ impl RequestLog {
             span: tracing::Span::none(),
             started: Instant::now(),
             stream: false,
+            route: Route::Pd,
             status: None,
             prefill: None,
             kv_wait: None,
@@ -510,6 +741,7 @@ impl Drop for RequestLog {
             parent: &self.span,
             status,
             stream = self.stream,
+            route = if self.route == Route::Pd { "pd" } else { "direct" },
             outcome = ?self.outcome,
             prefill_ms = ms(self.prefill),
             kv_wait_ms = ms(self.kv_wait),
@@ -541,6 +773,8 @@ impl Drop for RequestLog {
 struct RelayBody {
     inner: Incoming,
     log: RequestLog,
+    /// The decoder counts this request in flight until the body is gone.
+    _in_flight: InFlight,
     decode_started: Instant,
     sse: bool,
     seen_data: bool,
@@ -636,9 +870,16 @@ const IDLE_YIELDS: u8 = 2;
 const BURST_GAP: Duration = Duration::from_micros(500);
 
 impl RelayBody {
-    fn new(inner: Incoming, log: RequestLog, decode_started: Instant, sse: bool) -> Self {
+    fn new(
+        inner: Incoming,
+        log: RequestLog,
+        decode_started: Instant,
+        sse: bool,
+        in_flight: InFlight,
+    ) -> Self {
         RelayBody {
             log,
+            _in_flight: in_flight,
             decode_started,
             sse,
             seen_data: false,

@@ -22,40 +22,14 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::app::App;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::pending::Pending;
-use crate::upstream::{self, HttpClient, Pool};
 use crate::{proxy, telemetry};
 
 /// After a shutdown signal, in-flight streams get this long to finish
 /// before the listeners are dropped anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What every handler shares.
-pub struct App {
-    pub config: Config,
-    pub pending: Arc<Pending>,
-    pub metrics: Arc<Metrics>,
-    pub client: HttpClient,
-    pub prefillers: Pool,
-    pub decoders: Pool,
-}
-
-impl App {
-    pub fn new(config: Config) -> Arc<Self> {
-        let metrics = Metrics::new();
-        Arc::new(App {
-            pending: Pending::new(metrics.pending.clone()),
-            client: upstream::client(),
-            prefillers: Pool::new(config.prefillers.clone()),
-            decoders: Pool::new(config.decoders.clone()),
-            metrics,
-            config,
-        })
-    }
-}
 
 /// The client-facing router: OpenAI endpoints, health and metrics.
 pub fn public_router(app: Arc<App>) -> Router {
@@ -64,6 +38,7 @@ pub fn public_router(app: Arc<App>) -> Router {
         .route("/v1/completions", post(proxy::completions))
         .route("/v1/models", get(proxy::models))
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -85,8 +60,28 @@ async fn health() -> StatusCode {
     StatusCode::OK
 }
 
+/// 200 while at least one prefiller and one decoder are healthy: a
+/// readinessProbe takes a proxy that could only fail out of its Service.
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let [(p_ok, p_all), (d_ok, d_all)] = app.fleet.readiness();
+    if p_ok > 0 && d_ok > 0 {
+        let body = serde_json::json!({
+            "status": "ready",
+            "prefillers": {"healthy": p_ok, "total": p_all},
+            "decoders": {"healthy": d_ok, "total": d_all},
+        });
+        return axum::Json(body).into_response();
+    }
+    ProxyError::NotReady(format!(
+        "not ready: {p_ok} of {p_all} prefillers and {d_ok} of {d_all} decoders are healthy"
+    ))
+    .into_response()
+}
+
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let mut response = app.metrics.render().into_response();
+    let mut text = app.metrics.render();
+    app.fleet.render_metrics(&mut text);
+    let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -157,6 +152,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let own: Vec<SocketAddr> = [&listeners.public, &listeners.telemetry]
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    app.fleet.set_own_addrs(&own);
+    let fleet = tokio::spawn(Arc::clone(&app.fleet).run());
     let upkeep = {
         let metrics = Arc::clone(&app.metrics);
         tokio::spawn(async move {
@@ -194,6 +195,7 @@ pub async fn serve(
         }
     };
     upkeep.abort();
+    fleet.abort();
     result
 }
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::error::ProxyError;
 use crate::pending::{Recorded, RequestId, ID_LEN, MAX_WORLD_SIZE};
-use crate::server::App;
+use crate::app::App;
 
 /// The one event that releases requests.
 pub const STORE_FINISHED: &str = "request_store_finished";

@@ -2,18 +2,15 @@
 //! them: pooled keep-alive connections with TCP_NODELAY, so the hot path
 //! pays no handshake and no Nagle delay.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-
-use crate::config::Endpoint;
 
 /// A dead upstream must fail fast so the client hears about it quickly.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,36 +28,14 @@ pub fn client() -> HttpClient {
         .build(connector)
 }
 
-/// One role's servers, picked round robin. Prefillers and decoders each
-/// have their own pool and counter, so the pairing of a prefiller with a
-/// decoder does not depend on their counts (the Python proxy shares one
-/// index).
-pub struct Pool {
-    endpoints: Box<[Endpoint]>,
-    next: AtomicUsize,
-}
+/// Marks every request the proxy sends. A request that arrives carrying
+/// it came from a proxy (this one, or one configured to forward here): it
+/// is answered 508 instead of being forwarded around a loop.
+pub static HOP_HEADER: HeaderName = HeaderName::from_static("x-pd-proxy-hop");
 
-impl Pool {
-    pub fn new(endpoints: Vec<Endpoint>) -> Self {
-        assert!(
-            !endpoints.is_empty(),
-            "config validation guarantees one endpoint"
-        );
-        Pool {
-            endpoints: endpoints.into_boxed_slice(),
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    pub fn pick(&self) -> &Endpoint {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        &self.endpoints[i]
-    }
-
-    pub fn all(&self) -> &[Endpoint] {
-        &self.endpoints
-    }
-}
+/// Asks vLLM to report its own load on a non-streaming answer (ORCA).
+pub static LOAD_FORMAT_HEADER: HeaderName = HeaderName::from_static("endpoint-load-metrics-format");
+pub static LOAD_HEADER: HeaderName = HeaderName::from_static("endpoint-load-metrics");
 
 /// Builds a JSON POST. `auth` is the configured key or else the client's
 /// own `Authorization`.
@@ -84,6 +59,7 @@ pub fn post_json(
     if let Some((name, value)) = extra {
         headers.insert(name, value);
     }
+    headers.insert(HOP_HEADER.clone(), HeaderValue::from_static("1"));
     req
 }
 
@@ -94,6 +70,8 @@ pub fn get(uri: &Uri, auth: Option<&HeaderValue>) -> Request<Full<Bytes>> {
         req.headers_mut()
             .insert(header::AUTHORIZATION, auth.clone());
     }
+    req.headers_mut()
+        .insert(HOP_HEADER.clone(), HeaderValue::from_static("1"));
     req
 }
 
@@ -107,4 +85,36 @@ pub fn relayed_headers(from: &Response<Incoming>) -> HeaderMap {
         }
     }
     out
+}
+
+/// vLLM's queue length from its ORCA header, `JSON {"named_metrics":
+/// {"num_requests_waiting": 3.0, ...}}` (vLLM's `orca_metrics.py`).
+/// Anything else — another format, a huge or malformed value — is
+/// ignored: a load report only weighs a choice, it never decides one.
+pub fn orca_waiting(value: &HeaderValue) -> Option<u32> {
+    let text = value.to_str().ok()?.strip_prefix("JSON")?.trim_start();
+    if text.len() > 4096 {
+        return None;
+    }
+    let report: serde_json::Value = serde_json::from_str(text).ok()?;
+    let waiting = report.get("named_metrics")?.get("num_requests_waiting")?.as_f64()?;
+    (waiting.is_finite() && waiting >= 0.0).then(|| waiting.min(1e6) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orca_reports() {
+        let v = |s: &'static str| orca_waiting(&HeaderValue::from_static(s));
+        assert_eq!(
+            v(r#"JSON {"named_metrics": {"kv_cache_usage_perc": 0.0, "num_requests_waiting": 3.0}}"#),
+            Some(3)
+        );
+        assert_eq!(v("TEXT named_metrics.num_requests_waiting=3.0"), None);
+        assert_eq!(v(r#"JSON {"named_metrics": {"num_requests_waiting": -1}}"#), None);
+        assert_eq!(v(r#"JSON {"named_metrics": {"num_requests_waiting": 1e300}}"#), Some(1_000_000));
+        assert_eq!(v("JSON {"), None);
+    }
 }

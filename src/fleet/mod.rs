@@ -1,0 +1,371 @@
+//! The servers behind the proxy as a changing, partly broken fleet.
+//!
+//! - **Discovery**: every configured host is resolved again every
+//!   `--discovery-interval`; each address behind a name is an endpoint. An
+//!   address that appears is health-checked at once and joins after its
+//!   first pass; one that disappears takes no new requests, and its
+//!   requests in flight finish (they hold the endpoint).
+//! - **Health**: `GET /health` of every endpoint every `--health-interval`
+//!   (3 failures eject, 2 passes restore), and passive ejection with
+//!   back-off when a request finds the server refusing, resetting or
+//!   failing (see [`Endpoint`]).
+//! - **Choice**: [`RoleSet::pick`], least loaded of two or round robin,
+//!   among healthy endpoints, or all of them when none is.
+
+mod balance;
+mod discovery;
+mod endpoint;
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio::time::{timeout, MissedTickBehavior};
+
+pub use balance::{Pick, RoleSet};
+pub use discovery::{is_own_address, Resolve, SystemResolver};
+pub use endpoint::{Clock, Endpoint, InFlight, Role};
+
+use crate::config::{Config, Target};
+use crate::upstream::{self, HttpClient};
+
+/// A DNS answer larger than this is cut: every endpoint costs a health
+/// check per interval and a few metric series.
+pub const MAX_ENDPOINTS_PER_ROLE: usize = 1024;
+
+/// The longest a resolution may take; past it the last answer stands.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Fleet {
+    pub prefillers: RoleSet,
+    pub decoders: RoleSet,
+    prefiller_targets: Vec<Target>,
+    decoder_targets: Vec<Target>,
+    resolver: Arc<dyn Resolve>,
+    client: HttpClient,
+    clock: Clock,
+    discovery_interval: Duration,
+    health_interval: Duration,
+    health_timeout: Duration,
+    /// The proxy's own listening addresses: an upstream address among them
+    /// would loop.
+    own: Mutex<Vec<SocketAddr>>,
+    /// Each target's last good answer (same order as the targets): a
+    /// failed resolution keeps it, so a DNS hiccup does not empty the
+    /// fleet; servers that are really gone fail their checks instead.
+    answers: Mutex<[Vec<Vec<IpAddr>>; 2]>,
+    discovery_errors: AtomicU64,
+}
+
+impl Fleet {
+    /// The fleet as far as it is known without DNS: IP addresses are
+    /// endpoints at once, names wait for the first discovery round.
+    pub fn new(config: &Config, resolver: Arc<dyn Resolve>, client: HttpClient) -> Arc<Self> {
+        let clock = Clock::new();
+        let literal = |targets: &[Target]| -> Vec<Vec<IpAddr>> {
+            targets.iter().map(|t| t.ip().into_iter().collect()).collect()
+        };
+        let fleet = Fleet {
+            prefillers: RoleSet::new(Role::Prefiller, config.balance, clock),
+            decoders: RoleSet::new(Role::Decoder, config.balance, clock),
+            answers: Mutex::new([literal(&config.prefillers), literal(&config.decoders)]),
+            prefiller_targets: config.prefillers.clone(),
+            decoder_targets: config.decoders.clone(),
+            resolver,
+            client,
+            clock,
+            discovery_interval: config.discovery_interval,
+            health_interval: config.health_interval,
+            health_timeout: config.health_timeout,
+            own: Mutex::new(Vec::new()),
+            discovery_errors: AtomicU64::new(0),
+        };
+        fleet.rebuild(Role::Prefiller);
+        fleet.rebuild(Role::Decoder);
+        Arc::new(fleet)
+    }
+
+    pub fn role(&self, role: Role) -> &RoleSet {
+        match role {
+            Role::Prefiller => &self.prefillers,
+            Role::Decoder => &self.decoders,
+        }
+    }
+
+    fn targets(&self, role: Role) -> &[Target] {
+        match role {
+            Role::Prefiller => &self.prefiller_targets,
+            Role::Decoder => &self.decoder_targets,
+        }
+    }
+
+    /// Tells the fleet where the proxy itself listens, so that discovery
+    /// never adds one of those addresses.
+    pub fn set_own_addrs(&self, addrs: &[SocketAddr]) {
+        *self.own.lock().unwrap_or_else(PoisonError::into_inner) = addrs.to_vec();
+        self.rebuild(Role::Prefiller);
+        self.rebuild(Role::Decoder);
+    }
+
+    /// Discovery and health checks, until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let discovery = async {
+            let mut tick = tokio::time::interval(self.discovery_interval);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let added = self.discover().await;
+                join_all(added.iter().map(|e| self.check(e))).await;
+            }
+        };
+        let health = async {
+            let mut tick = tokio::time::interval(self.health_interval);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let all: Vec<_> = self
+                    .prefillers
+                    .snapshot()
+                    .iter()
+                    .chain(self.decoders.snapshot().iter())
+                    .cloned()
+                    .collect();
+                join_all(all.iter().map(|e| self.check(e))).await;
+            }
+        };
+        tokio::join!(discovery, health);
+    }
+
+    /// One round of resolution for every named target; returns the
+    /// endpoints it added.
+    pub async fn discover(&self) -> Vec<Arc<Endpoint>> {
+        let mut added = Vec::new();
+        for role in [Role::Prefiller, Role::Decoder] {
+            let targets = self.targets(role);
+            let answers = join_all(targets.iter().map(|t| self.resolve(t))).await;
+            {
+                let mut known = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
+                let known = &mut known[role as usize];
+                for (i, answer) in answers.into_iter().enumerate() {
+                    if let Some(ips) = answer {
+                        known[i] = ips;
+                    }
+                }
+            }
+            added.extend(self.rebuild(role));
+        }
+        added
+    }
+
+    /// `None`: the resolution failed and the last answer stands.
+    async fn resolve(&self, target: &Target) -> Option<Vec<IpAddr>> {
+        if let Some(ip) = target.ip() {
+            return Some(vec![ip]);
+        }
+        let outcome = timeout(RESOLVE_TIMEOUT, self.resolver.resolve(&target.host)).await;
+        match outcome {
+            Ok(Ok(mut ips)) => {
+                ips.sort();
+                ips.dedup();
+                Some(ips)
+            }
+            Ok(Err(e)) => {
+                self.discovery_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(host = %target.host, error = %e, "resolution failed; keeping the last answer");
+                None
+            }
+            Err(_) => {
+                self.discovery_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(host = %target.host, "resolution timed out; keeping the last answer");
+                None
+            }
+        }
+    }
+
+    /// Makes a role's endpoint set match the known answers: endpoints
+    /// still listed keep their state, new addresses get new endpoints
+    /// (returned), the rest are dropped from the set.
+    fn rebuild(&self, role: Role) -> Vec<Arc<Endpoint>> {
+        let set = self.role(role);
+        let current = set.snapshot();
+        let own = self.own.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner)[role as usize].clone();
+        let mut next: Vec<Arc<Endpoint>> = Vec::new();
+        let mut added = Vec::new();
+        let mut cut = false;
+        for (target, ips) in self.targets(role).iter().zip(&answers) {
+            for ip in ips {
+                let addr = SocketAddr::new(*ip, target.port);
+                if next.iter().any(|e| e.addr == addr) {
+                    continue;
+                }
+                if is_own_address(addr, &own) {
+                    tracing::warn!(role = role.as_str(), %addr, host = %target.host, "skipping an upstream address that is this proxy's own");
+                    continue;
+                }
+                if next.len() == MAX_ENDPOINTS_PER_ROLE {
+                    cut = true;
+                    break;
+                }
+                match current.iter().find(|e| e.addr == addr) {
+                    Some(e) => next.push(Arc::clone(e)),
+                    None => {
+                        let e = Endpoint::new(role, addr, self.clock);
+                        added.push(Arc::clone(&e));
+                        next.push(e);
+                    }
+                }
+            }
+        }
+        if cut {
+            tracing::warn!(role = role.as_str(), max = MAX_ENDPOINTS_PER_ROLE, "too many addresses; the rest are ignored");
+        }
+        let removed: Vec<_> = current
+            .iter()
+            .filter(|e| !next.iter().any(|n| Arc::ptr_eq(n, e)))
+            .collect();
+        if !added.is_empty() || !removed.is_empty() {
+            tracing::info!(
+                role = role.as_str(),
+                added = ?added.iter().map(|e| e.authority.as_str()).collect::<Vec<_>>(),
+                removed = ?removed.iter().map(|e| e.authority.as_str()).collect::<Vec<_>>(),
+                total = next.len(),
+                "endpoints changed"
+            );
+            set.replace(next);
+        }
+        added
+    }
+
+    /// One active health check: vLLM's `GET /health` answers 200 while the
+    /// engine lives, 503 once it died.
+    pub async fn check(&self, endpoint: &Arc<Endpoint>) {
+        let call = async {
+            let response = self
+                .client
+                .request(upstream::get(&endpoint.health_uri, None))
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status();
+            // The body is empty; reading it returns the connection to the
+            // pool.
+            let _ = timeout(self.health_timeout, http_body_util::BodyExt::collect(response.into_body())).await;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("GET /health answered {status}"))
+            }
+        };
+        let verdict = match timeout(self.health_timeout, call).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("no answer in {:?}", self.health_timeout)),
+        };
+        match verdict {
+            Ok(()) => endpoint.check_result(true, ""),
+            Err(e) => endpoint.check_result(false, &e),
+        };
+    }
+
+    /// (healthy, all) per role, prefillers first.
+    pub fn readiness(&self) -> [(usize, usize); 2] {
+        [self.prefillers.counts(), self.decoders.counts()]
+    }
+
+    /// The per-endpoint series, rendered from the live set so that an
+    /// endpoint gone from DNS leaves the page (bounded label sets).
+    pub fn render_metrics(&self, out: &mut String) {
+        let sets = [self.prefillers.snapshot(), self.decoders.snapshot()];
+        let stats: Vec<_> = sets
+            .iter()
+            .flat_map(|s| s.iter())
+            .map(|e| (e.role.as_str(), e.authority.as_str(), e.stats()))
+            .collect();
+        let families: [Family; 5] = [
+            (
+                crate::metrics::ENDPOINT_HEALTHY,
+                "gauge",
+                "1 while the endpoint takes requests (health checks pass, not ejected).",
+                |s| s.healthy as u64,
+            ),
+            (
+                crate::metrics::ENDPOINT_IN_FLIGHT,
+                "gauge",
+                "Requests this proxy has in flight at the endpoint.",
+                |s| s.in_flight as u64,
+            ),
+            (
+                crate::metrics::ENDPOINT_REQUESTS,
+                "counter",
+                "Requests sent to the endpoint, retries included.",
+                |s| s.requests,
+            ),
+            (
+                crate::metrics::ENDPOINT_EJECTIONS,
+                "counter",
+                "Times the endpoint was taken out of rotation (health checks or failed requests).",
+                |s| s.ejections,
+            ),
+            (
+                crate::metrics::ENDPOINT_RETRIES,
+                "counter",
+                "Requests that failed at the endpoint and were tried on another.",
+                |s| s.retries,
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (role, endpoint, s) in &stats {
+                let _ = writeln!(
+                    out,
+                    "{name}{{role=\"{role}\",endpoint=\"{endpoint}\"}} {}",
+                    value(s)
+                );
+            }
+        }
+        let name = crate::metrics::DISCOVERY_ERRORS;
+        let _ = writeln!(
+            out,
+            "# HELP {name} DNS resolutions of upstream hosts that failed or timed out.\n# TYPE {name} counter\n{name} {}",
+            self.discovery_errors.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// A per-endpoint metric: name, type, help, and its value.
+type Family = (&'static str, &'static str, &'static str, fn(&endpoint::Stats) -> u64);
+
+/// Resolves every target once and refuses any that is one of the proxy's
+/// own listening addresses: a proxy that forwards to itself recurses until
+/// it runs out of file descriptors. A name that does not resolve yet is
+/// left to discovery (pods may start after the proxy).
+pub async fn check_not_self(
+    config: &Config,
+    own: &[SocketAddr],
+    resolver: &dyn Resolve,
+) -> Result<(), String> {
+    let roles = [("prefiller", &config.prefillers), ("decoder", &config.decoders)];
+    for (role, targets) in roles {
+        for target in targets.iter() {
+            let ips = match target.ip() {
+                Some(ip) => vec![ip],
+                None => match timeout(RESOLVE_TIMEOUT, resolver.resolve(&target.host)).await {
+                    Ok(Ok(ips)) => ips,
+                    _ => continue,
+                },
+            };
+            for ip in ips {
+                let addr = SocketAddr::new(ip, target.port);
+                if let Some(o) = own.iter().find(|o| is_own_address(addr, std::slice::from_ref(o))) {
+                    return Err(format!(
+                        "{role} {target} ({addr}) is this proxy's own listening address {o}: it would send requests to itself"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
