@@ -192,7 +192,9 @@ impl Target {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'));
         if !valid {
-            return Err(format!("upstream host {host:?} is neither an IP address nor a DNS name"));
+            return Err(format!(
+                "upstream host {host:?} is neither an IP address nor a DNS name"
+            ));
         }
         Ok(Target {
             host: bare.to_owned(),

@@ -173,7 +173,10 @@ impl Metrics {
                 labelled(RETRIES, &PREFILL_LABELS),
                 labelled(RETRIES, &DECODE_LABELS),
             ],
-            routes: [labelled(ROUTES, &PD_LABELS), labelled(ROUTES, &DIRECT_LABELS)],
+            routes: [
+                labelled(ROUTES, &PD_LABELS),
+                labelled(ROUTES, &DIRECT_LABELS),
+            ],
             panic_picks: [
                 labelled(PANIC_PICKS, &PREFILLER_LABELS),
                 labelled(PANIC_PICKS, &DECODER_LABELS),

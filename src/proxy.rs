@@ -284,7 +284,13 @@ async fn prefill(
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     let mut last_error = None;
     let (prefiller, status, headers, answer) = loop {
-        let prefiller = pick(app, Role::Prefiller, Leg::Prefill, &tried, last_error.take())?;
+        let prefiller = pick(
+            app,
+            Role::Prefiller,
+            Leg::Prefill,
+            &tried,
+            last_error.take(),
+        )?;
         tried.push(Arc::clone(&prefiller));
         let retries_left = tried.len() <= app.config.prefill_retries as usize;
         let mut req = upstream::post_json(
@@ -510,7 +516,11 @@ struct DecoderAnswer {
 /// `--upstream-timeout`, like the headers themselves), so both leave in one
 /// write and a decoder that never starts its stream is a 504, not a hung
 /// 200.
-async fn relay(app: &App, answer: DecoderAnswer, log: &mut RequestLog) -> Result<Response, ProxyError> {
+async fn relay(
+    app: &App,
+    answer: DecoderAnswer,
+    log: &mut RequestLog,
+) -> Result<Response, ProxyError> {
     let DecoderAnswer {
         response,
         started,
@@ -604,7 +614,10 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
     }
     let auth = upstream_auth(&app, &headers);
     let auth = auth.as_ref();
-    let (prefillers, decoders) = (app.fleet.prefillers.snapshot(), app.fleet.decoders.snapshot());
+    let (prefillers, decoders) = (
+        app.fleet.prefillers.snapshot(),
+        app.fleet.decoders.snapshot(),
+    );
     let all: Vec<&Arc<Endpoint>> = prefillers.iter().chain(decoders.iter()).collect();
     let (healthy, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| e.healthy());
     let mut last_error = String::from("no upstream is known yet");

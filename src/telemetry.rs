@@ -12,9 +12,9 @@ use axum::Json;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use crate::app::App;
 use crate::error::ProxyError;
 use crate::pending::{Recorded, RequestId, ID_LEN, MAX_WORLD_SIZE};
-use crate::app::App;
 
 /// The one event that releases requests.
 pub const STORE_FINISHED: &str = "request_store_finished";

@@ -97,7 +97,10 @@ pub fn orca_waiting(value: &HeaderValue) -> Option<u32> {
         return None;
     }
     let report: serde_json::Value = serde_json::from_str(text).ok()?;
-    let waiting = report.get("named_metrics")?.get("num_requests_waiting")?.as_f64()?;
+    let waiting = report
+        .get("named_metrics")?
+        .get("num_requests_waiting")?
+        .as_f64()?;
     (waiting.is_finite() && waiting >= 0.0).then(|| waiting.min(1e6) as u32)
 }
 
@@ -109,12 +112,20 @@ mod tests {
     fn orca_reports() {
         let v = |s: &'static str| orca_waiting(&HeaderValue::from_static(s));
         assert_eq!(
-            v(r#"JSON {"named_metrics": {"kv_cache_usage_perc": 0.0, "num_requests_waiting": 3.0}}"#),
+            v(
+                r#"JSON {"named_metrics": {"kv_cache_usage_perc": 0.0, "num_requests_waiting": 3.0}}"#
+            ),
             Some(3)
         );
         assert_eq!(v("TEXT named_metrics.num_requests_waiting=3.0"), None);
-        assert_eq!(v(r#"JSON {"named_metrics": {"num_requests_waiting": -1}}"#), None);
-        assert_eq!(v(r#"JSON {"named_metrics": {"num_requests_waiting": 1e300}}"#), Some(1_000_000));
+        assert_eq!(
+            v(r#"JSON {"named_metrics": {"num_requests_waiting": -1}}"#),
+            None
+        );
+        assert_eq!(
+            v(r#"JSON {"named_metrics": {"num_requests_waiting": 1e300}}"#),
+            Some(1_000_000)
+        );
         assert_eq!(v("JSON {"), None);
     }
 }

@@ -79,3 +79,60 @@ fn serves_on_ports_given_by_environment() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn an_upstream_that_is_the_proxy_itself_is_refused() {
+    let (port, telemetry) = (free_port(), free_port());
+    let (port_s, telemetry_s) = (port.to_string(), telemetry.to_string());
+    for (host, upstream_port) in [("127.0.0.1", &port_s), ("localhost", &telemetry_s)] {
+        let err = refused(
+            &[
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port_s,
+                "--telemetry-port",
+                &telemetry_s,
+                "--prefiller-host",
+                host,
+                "--prefiller-port",
+                upstream_port,
+            ],
+            &[],
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("own listening address"), "{err}");
+    }
+    // On the unspecified address every local address is the proxy's.
+    let err = refused(
+        &[
+            "--host",
+            "0.0.0.0",
+            "--port",
+            &port_s,
+            "--telemetry-port",
+            &telemetry_s,
+            "--decoder-host",
+            "127.0.0.1",
+            "--decoder-port",
+            &port_s,
+        ],
+        &[],
+    );
+    assert!(err.contains("decoder 127.0.0.1"), "{err}");
+}
+
+#[test]
+fn a_telemetry_port_equal_to_the_api_port_is_refused() {
+    let err = refused(&["--port", "8000", "--telemetry-port", "8000"], &[]);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--telemetry-port 8000"), "{err}");
+}

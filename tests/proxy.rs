@@ -571,40 +571,6 @@ async fn upstream_that_never_answers_is_bounded() {
 }
 
 #[tokio::test]
-async fn prefillers_and_decoders_rotate_independently() {
-    // One prefiller, the decoder's port twice: with a shared index the
-    // Python proxy pairs them in lockstep; here each pool rotates alone.
-    let s = start_with(SimConfig::default(), &[], |p, d| {
-        Some(upstream_flags("127.0.0.1", p, "127.0.0.1,localhost", d))
-    })
-    .await;
-    for _ in 0..4 {
-        assert_eq!(
-            s.post("/v1/chat/completions", chat_body(false))
-                .await
-                .status(),
-            200
-        );
-    }
-    let hosts: Vec<String> = s
-        .decoder
-        .decode_requests()
-        .iter()
-        .map(|r| {
-            r.headers["host"]
-                .to_str()
-                .unwrap()
-                .split(':')
-                .next()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(hosts, ["127.0.0.1", "localhost", "127.0.0.1", "localhost"]);
-    assert_eq!(s.prefiller.prefill_requests().len(), 4);
-}
-
-#[tokio::test]
 async fn upstream_auth_is_the_configured_key_else_the_clients() {
     let s = start(SimConfig::default(), &["--upstream-api-key", "secret"]).await;
     let resp = s

@@ -67,6 +67,10 @@ struct Args {
     /// Engine-internal ids without vLLM's random `-xxxxxxxx` suffix.
     #[arg(long)]
     no_random_suffix: bool,
+    /// Report this queue length in vLLM's ORCA header on non-streaming
+    /// answers to requests that ask for it.
+    #[arg(long)]
+    reported_waiting: Option<u32>,
 }
 
 impl Args {
@@ -93,6 +97,7 @@ impl Args {
             default_tokens: self.default_tokens,
             die_after_tokens: self.die_after_tokens,
             random_suffix: !self.no_random_suffix,
+            reported_waiting: self.reported_waiting,
             // Nobody can read the logs of a standalone process; keeping them
             // would only grow memory during benchmarks.
             record: false,

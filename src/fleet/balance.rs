@@ -44,11 +44,19 @@ impl RoleSet {
     }
 
     pub fn snapshot(&self) -> Arc<[Arc<Endpoint>]> {
-        Arc::clone(&self.endpoints.read().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(
+            &self
+                .endpoints
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     pub fn replace(&self, endpoints: Vec<Arc<Endpoint>>) {
-        *self.endpoints.write().unwrap_or_else(PoisonError::into_inner) = Arc::from(endpoints);
+        *self
+            .endpoints
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::from(endpoints);
     }
 
     /// Healthy endpoints and all endpoints.

@@ -150,7 +150,8 @@ impl Endpoint {
     /// May take new requests: its checks pass and no passive ejection
     /// runs at `now_ms`.
     pub fn eligible(&self, now_ms: u64) -> bool {
-        self.active_ok.load(Ordering::Relaxed) && now_ms >= self.ejected_until.load(Ordering::Relaxed)
+        self.active_ok.load(Ordering::Relaxed)
+            && now_ms >= self.ejected_until.load(Ordering::Relaxed)
     }
 
     pub fn healthy(&self) -> bool {
@@ -321,7 +322,11 @@ mod tests {
     use super::*;
 
     fn endpoint() -> Arc<Endpoint> {
-        Endpoint::new(Role::Prefiller, "127.0.0.1:8100".parse().unwrap(), Clock::new())
+        Endpoint::new(
+            Role::Prefiller,
+            "127.0.0.1:8100".parse().unwrap(),
+            Clock::new(),
+        )
     }
 
     #[test]

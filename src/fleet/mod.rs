@@ -66,7 +66,10 @@ impl Fleet {
     pub fn new(config: &Config, resolver: Arc<dyn Resolve>, client: HttpClient) -> Arc<Self> {
         let clock = Clock::new();
         let literal = |targets: &[Target]| -> Vec<Vec<IpAddr>> {
-            targets.iter().map(|t| t.ip().into_iter().collect()).collect()
+            targets
+                .iter()
+                .map(|t| t.ip().into_iter().collect())
+                .collect()
         };
         let fleet = Fleet {
             prefillers: RoleSet::new(Role::Prefiller, config.balance, clock),
@@ -191,8 +194,13 @@ impl Fleet {
     fn rebuild(&self, role: Role) -> Vec<Arc<Endpoint>> {
         let set = self.role(role);
         let current = set.snapshot();
-        let own = self.own.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner)[role as usize].clone();
+        let own = self
+            .own
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let answers =
+            self.answers.lock().unwrap_or_else(PoisonError::into_inner)[role as usize].clone();
         let mut next: Vec<Arc<Endpoint>> = Vec::new();
         let mut added = Vec::new();
         let mut cut = false;
@@ -221,7 +229,11 @@ impl Fleet {
             }
         }
         if cut {
-            tracing::warn!(role = role.as_str(), max = MAX_ENDPOINTS_PER_ROLE, "too many addresses; the rest are ignored");
+            tracing::warn!(
+                role = role.as_str(),
+                max = MAX_ENDPOINTS_PER_ROLE,
+                "too many addresses; the rest are ignored"
+            );
         }
         let removed: Vec<_> = current
             .iter()
@@ -252,7 +264,11 @@ impl Fleet {
             let status = response.status();
             // The body is empty; reading it returns the connection to the
             // pool.
-            let _ = timeout(self.health_timeout, http_body_util::BodyExt::collect(response.into_body())).await;
+            let _ = timeout(
+                self.health_timeout,
+                http_body_util::BodyExt::collect(response.into_body()),
+            )
+            .await;
             if status.is_success() {
                 Ok(())
             } else {
@@ -336,7 +352,12 @@ impl Fleet {
 }
 
 /// A per-endpoint metric: name, type, help, and its value.
-type Family = (&'static str, &'static str, &'static str, fn(&endpoint::Stats) -> u64);
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&endpoint::Stats) -> u64,
+);
 
 /// Resolves every target once and refuses any that is one of the proxy's
 /// own listening addresses: a proxy that forwards to itself recurses until
@@ -347,7 +368,10 @@ pub async fn check_not_self(
     own: &[SocketAddr],
     resolver: &dyn Resolve,
 ) -> Result<(), String> {
-    let roles = [("prefiller", &config.prefillers), ("decoder", &config.decoders)];
+    let roles = [
+        ("prefiller", &config.prefillers),
+        ("decoder", &config.decoders),
+    ];
     for (role, targets) in roles {
         for target in targets.iter() {
             let ips = match target.ip() {
@@ -359,7 +383,10 @@ pub async fn check_not_self(
             };
             for ip in ips {
                 let addr = SocketAddr::new(ip, target.port);
-                if let Some(o) = own.iter().find(|o| is_own_address(addr, std::slice::from_ref(o))) {
+                if let Some(o) = own
+                    .iter()
+                    .find(|o| is_own_address(addr, std::slice::from_ref(o)))
+                {
                     return Err(format!(
                         "{role} {target} ({addr}) is this proxy's own listening address {o}: it would send requests to itself"
                     ));

@@ -83,6 +83,12 @@ pub struct SimConfig {
     pub die_after_tokens: Option<u32>,
     /// Append `-xxxxxxxx` to engine-internal ids, as vLLM >= 0.14 does.
     pub random_suffix: bool,
+    /// The queue length reported in vLLM's ORCA header
+    /// (`endpoint-load-metrics: JSON {"named_metrics":
+    /// {"num_requests_waiting": N, ...}}`) on non-streaming answers to
+    /// requests that ask with `endpoint-load-metrics-format: JSON`, as
+    /// vLLM 0.32 does; `None` sends no header.
+    pub reported_waiting: Option<u32>,
     /// Keep request and telemetry logs. Benchmarks turn it off so memory
     /// stays flat; counters are kept either way.
     pub record: bool,
@@ -107,6 +113,7 @@ impl Default for SimConfig {
             default_tokens: 16,
             die_after_tokens: None,
             random_suffix: true,
+            reported_waiting: None,
             record: true,
         }
     }
@@ -215,6 +222,17 @@ impl Sim {
         serve(listener, router).await
     }
 
+    /// Serves the prefiller until [`Running::kill`], which closes the
+    /// listener and every open connection at once, as when a pod dies.
+    pub fn spawn_prefiller(self: &Arc<Self>, listener: TcpListener) -> Running {
+        Running::spawn(listener, self.prefiller_router())
+    }
+
+    /// Serves the decoder until [`Running::kill`].
+    pub fn spawn_decoder(self: &Arc<Self>, listener: TcpListener) -> Running {
+        Running::spawn(listener, self.decoder_router())
+    }
+
     /// Every request that reached a prefiller completions endpoint, in
     /// arrival order (empty when `record` is off).
     pub fn prefill_requests(&self) -> Vec<Recorded> {
@@ -293,6 +311,9 @@ impl Sim {
         body: Bytes,
     ) -> Response {
         let header_id = request::header_request_id(&headers);
+        let orca = headers
+            .get("endpoint-load-metrics-format")
+            .is_some_and(|f| f.as_bytes().eq_ignore_ascii_case(b"json"));
         self.record(role, headers, body.clone());
         let injected = match role {
             Role::Prefiller => self.config.prefill_error,
@@ -311,10 +332,23 @@ impl Sim {
             Ok(plan) => plan,
             Err(e) => return e.into_response(),
         };
-        match role {
+        let stream = plan.stream;
+        let waiting = self.config.reported_waiting;
+        let mut response = match role {
             Role::Prefiller => self.prefill(plan).await,
             Role::Decoder => self.decode(plan).await,
+        };
+        if let (true, false, Some(waiting)) = (orca, stream, waiting) {
+            let report = format!(
+                "JSON {{\"named_metrics\": {{\"num_requests_waiting\": {waiting}.0, \"kv_cache_usage_perc\": 0.0}}}}"
+            );
+            if let Ok(value) = http::HeaderValue::try_from(report) {
+                response
+                    .headers_mut()
+                    .insert("endpoint-load-metrics", value);
+            }
         }
+        response
     }
 
     async fn prefill(self: Arc<Self>, plan: Plan) -> Response {
@@ -478,6 +512,59 @@ impl Sim {
             load(&c.telemetry_ok),
             load(&c.telemetry_failed),
         )
+    }
+}
+
+/// A simulated server that can die: [`Running::kill`] drops the listener
+/// and every connection, requests in flight included, so that clients see
+/// refused and reset connections rather than a polite shutdown.
+pub struct Running {
+    addr: std::net::SocketAddr,
+    kill: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn spawn(listener: TcpListener, router: Router) -> Running {
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let (kill, mut killed) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let tcp = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, _)) => tcp,
+                        Err(_) => continue,
+                    },
+                    _ = killed.wait_for(|k| *k) => break,
+                };
+                let _ = tcp.set_nodelay(true);
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                connections.spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                });
+                // Reap the finished ones so the set stays small.
+                while connections.try_join_next().is_some() {}
+            }
+            drop(listener);
+            connections.shutdown().await;
+        });
+        Running { addr, kill, task }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Closes the listener and every connection; returns once they are
+    /// closed, so the port refuses connections from then on.
+    pub async fn kill(self) {
+        let _ = self.kill.send(true);
+        let _ = self.task.await;
     }
 }
 

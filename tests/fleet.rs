@@ -1,0 +1,758 @@
+//! A fleet behind the proxy: several pd-sim prefillers and decoders on
+//! real sockets, some killed, slowed, renamed or brought back while
+//! clients keep sending.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use common::*;
+use pd_proxy::fleet::Resolve;
+use pd_proxy::sim::{Running, Sim, SimConfig};
+use pd_proxy::{App, Args, Listeners};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// A resolver whose answers the test sets: nothing reaches real DNS.
+#[derive(Default)]
+struct FakeDns(Mutex<HashMap<String, Vec<IpAddr>>>);
+
+impl FakeDns {
+    fn set(&self, host: &str, ips: &[&str]) {
+        self.0.lock().unwrap().insert(
+            host.to_owned(),
+            ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+        );
+    }
+}
+
+impl Resolve for FakeDns {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> Pin<Box<dyn std::future::Future<Output = io::Result<Vec<IpAddr>>> + Send + 'a>> {
+        let answer = self.0.lock().unwrap().get(host).cloned();
+        Box::pin(async move {
+            answer.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such host"))
+        })
+    }
+}
+
+/// One simulated server: its observations, where it listens, and its
+/// serving task while alive.
+struct Server {
+    sim: Arc<Sim>,
+    addr: SocketAddr,
+    running: Option<Running>,
+    prefiller: bool,
+}
+
+impl Server {
+    async fn start(config: SimConfig, addr: &str, prefiller: bool) -> Server {
+        let sim = Sim::new(config);
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let running = Some(if prefiller {
+            sim.spawn_prefiller(listener)
+        } else {
+            sim.spawn_decoder(listener)
+        });
+        Server {
+            sim,
+            addr,
+            running,
+            prefiller,
+        }
+    }
+
+    async fn kill(&mut self) {
+        self.running.take().expect("alive").kill().await;
+    }
+
+    /// Serves again on the same address, as a restarted pod does.
+    fn revive(&mut self) {
+        let listener = pd_proxy::listen(self.addr).unwrap();
+        self.running = Some(if self.prefiller {
+            self.sim.spawn_prefiller(listener)
+        } else {
+            self.sim.spawn_decoder(listener)
+        });
+    }
+
+    fn prefills(&self) -> usize {
+        self.sim.prefill_requests().len()
+    }
+}
+
+struct Proxy {
+    url: String,
+    telemetry_url: String,
+    app: Arc<App>,
+    client: reqwest::Client,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Proxy {
+    /// The proxy with `flags`, names resolved by `dns`.
+    async fn start(
+        flags: Vec<String>,
+        dns: Arc<FakeDns>,
+        public: TcpListener,
+        telemetry: TcpListener,
+    ) -> Proxy {
+        let mut argv = vec!["pd-proxy".to_owned()];
+        argv.extend(flags);
+        let (config, _) = Args::try_parse_from(argv).unwrap().resolve(None).unwrap();
+        let app = App::with_resolver(config, dns);
+        let url = format!("http://{}", public.local_addr().unwrap());
+        let telemetry_url = format!(
+            "http://{}/api/v1/telemetry",
+            telemetry.local_addr().unwrap()
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(pd_proxy::serve(
+            Listeners { public, telemetry },
+            Arc::clone(&app),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Proxy {
+            url,
+            telemetry_url,
+            app,
+            client: reqwest::Client::new(),
+            _stop: stop,
+        }
+    }
+
+    async fn chat(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/chat/completions", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn ready(&self) -> u16 {
+        self.client
+            .get(format!("{}/ready", self.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    async fn endpoint_metric(&self, name: &str, role: &str, addr: SocketAddr) -> f64 {
+        let key = format!("{name}{{role=\"{role}\",endpoint=\"{addr}\"}}");
+        metric_value(&self.metrics().await, &key)
+    }
+
+    fn endpoints(&self, role: pd_proxy::fleet::Role) -> Vec<SocketAddr> {
+        self.app
+            .fleet
+            .role(role)
+            .snapshot()
+            .iter()
+            .map(|e| e.addr)
+            .collect()
+    }
+}
+
+fn ports(servers: &[Server]) -> String {
+    servers
+        .iter()
+        .map(|s| s.addr.port().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Prefillers and decoders on 127.0.0.1 with their own configs, the
+/// prefillers posting telemetry to the proxy, and the proxy in front
+/// with `extra` flags.
+async fn fleet(
+    prefillers: Vec<SimConfig>,
+    decoders: Vec<SimConfig>,
+    extra: &[&str],
+) -> (Proxy, Vec<Server>, Vec<Server>) {
+    let public = bind().await;
+    let telemetry = bind().await;
+    let telemetry_url = format!(
+        "http://{}/api/v1/telemetry",
+        telemetry.local_addr().unwrap()
+    );
+    let mut ps = Vec::new();
+    for mut config in prefillers {
+        config.telemetry_url = Some(telemetry_url.clone());
+        ps.push(Server::start(config, "127.0.0.1:0", true).await);
+    }
+    let mut ds = Vec::new();
+    for config in decoders {
+        ds.push(Server::start(config, "127.0.0.1:0", false).await);
+    }
+    let mut flags: Vec<String> = [
+        "--prefiller-host",
+        "127.0.0.1",
+        "--prefiller-port",
+        &ports(&ps),
+        "--decoder-host",
+        "127.0.0.1",
+        "--decoder-port",
+        &ports(&ds),
+    ]
+    .map(String::from)
+    .to_vec();
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let proxy = Proxy::start(flags, Arc::default(), public, telemetry).await;
+    (proxy, ps, ds)
+}
+
+async fn wait_ready(proxy: &Proxy) {
+    wait_until("/ready answers 200", || async {
+        proxy.ready().await == 200
+    })
+    .await;
+}
+
+/// Statuses of every request that `clients` concurrent loops sent until
+/// `stop` was set.
+fn load(
+    proxy: &Arc<Proxy>,
+    clients: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<u16>>> {
+    (0..clients)
+        .map(|_| {
+            let (proxy, stop) = (Arc::clone(proxy), Arc::clone(stop));
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                // Bounded whatever happens: at most 2,000 requests a client.
+                for _ in 0..2_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    statuses.push(proxy.chat(&chat_body(false)).await.status().as_u16());
+                }
+                statuses
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefiller_killed_under_load_costs_no_client_an_error() {
+    let slow = SimConfig {
+        prefill_delay: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let (proxy, mut ps, _ds) = fleet(
+        vec![slow.clone(), slow.clone(), slow],
+        vec![SimConfig::default(), SimConfig::default()],
+        &["--health-interval", "0.2"],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    let proxy = Arc::new(proxy);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(&proxy, 12, &stop);
+    // Every prefiller has requests in flight: the load is on.
+    wait_until("prefills on every prefiller", || async {
+        ps.iter().all(|p| p.prefills() >= 3)
+    })
+    .await;
+    let victim = ps[0].addr;
+    ps[0].kill().await;
+    let in_flight_at_kill = ps[0].sim.prefills_cancelled();
+    wait_until("the dead prefiller is ejected", || async {
+        proxy
+            .endpoint_metric("pd_proxy_endpoint_healthy", "prefiller", victim)
+            .await
+            == 0.0
+    })
+    .await;
+    // Past the active checks' 3 failures: out of rotation for good.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let sent_to_victim = proxy
+        .endpoint_metric("pd_proxy_endpoint_requests_total", "prefiller", victim)
+        .await;
+    let served_before = ps[1].prefills() + ps[2].prefills();
+    wait_until("the others keep serving", || async {
+        ps[1].prefills() + ps[2].prefills() >= served_before + 30
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut statuses = Vec::new();
+    for c in clients {
+        statuses.extend(c.await.unwrap());
+    }
+
+    assert!(statuses.len() > 60, "{} requests", statuses.len());
+    let errors: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(errors.is_empty(), "client errors: {errors:?}");
+    assert!(in_flight_at_kill >= 1, "the kill caught prefills in flight");
+    let m = proxy.metrics().await;
+    let retries = metric_value(&m, "pd_proxy_retries_total{leg=\"prefill\"}");
+    let from_victim = metric_value(
+        &m,
+        &format!("pd_proxy_endpoint_retries_total{{role=\"prefiller\",endpoint=\"{victim}\"}}"),
+    );
+    assert!(
+        retries >= in_flight_at_kill as f64,
+        "every prefill in flight at the kill was retried: {retries} retries, {in_flight_at_kill} in flight"
+    );
+    assert_eq!(retries, from_victim, "every retry left the dead prefiller");
+    assert_eq!(
+        proxy
+            .endpoint_metric("pd_proxy_endpoint_requests_total", "prefiller", victim)
+            .await,
+        sent_to_victim,
+        "an ejected prefiller gets no requests"
+    );
+    assert!(
+        metric_value(
+            &m,
+            &format!(
+                "pd_proxy_endpoint_ejections_total{{role=\"prefiller\",endpoint=\"{victim}\"}}"
+            )
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric_value(&m, "pd_proxy_upstream_errors_total{leg=\"decode\"}"),
+        0.0
+    );
+    assert!(proxy.app.pending.is_empty());
+}
+
+/// Shares of the prefills taken by a prefiller 5x slower than its two
+/// peers, under 9 concurrent clients.
+async fn slow_prefiller_share(balance: &str) -> f64 {
+    let fast = SimConfig {
+        prefill_delay: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let slow = SimConfig {
+        prefill_delay: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let (proxy, ps, _ds) = fleet(
+        vec![fast.clone(), fast, slow],
+        vec![SimConfig::default(), SimConfig::default()],
+        &["--balance", balance],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    let proxy = Arc::new(proxy);
+    let clients: Vec<_> = (0..9)
+        .map(|_| {
+            let proxy = Arc::clone(&proxy);
+            tokio::spawn(async move {
+                for _ in 0..30 {
+                    assert_eq!(proxy.chat(&chat_body(false)).await.status(), 200);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let counts: Vec<usize> = ps.iter().map(Server::prefills).collect();
+    assert_eq!(counts.iter().sum::<usize>(), 270, "{counts:?}");
+    counts[2] as f64 / 270.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_prefiller_gets_less_than_a_fifth_with_least_loaded() {
+    let share = slow_prefiller_share("least-loaded").await;
+    assert!(share < 0.2, "slow prefiller's share {share:.3}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_prefiller_gets_a_third_with_round_robin() {
+    let share = slow_prefiller_share("round-robin").await;
+    assert!(
+        (0.30..=0.37).contains(&share),
+        "slow prefiller's share {share:.3}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_whose_answer_changes_adds_and_removes_endpoints() {
+    let public = bind().await;
+    let telemetry = bind().await;
+    let telemetry_url = format!(
+        "http://{}/api/v1/telemetry",
+        telemetry.local_addr().unwrap()
+    );
+    let prefiller = |delay_ms| SimConfig {
+        telemetry_url: Some(telemetry_url.clone()),
+        prefill_delay: Duration::from_millis(delay_ms),
+        ..Default::default()
+    };
+    // Two pods of one headless Service: same port, their own addresses.
+    let a = Server::start(prefiller(400), "127.0.0.2:0", true).await;
+    let port = a.addr.port();
+    let b = Server::start(prefiller(0), &format!("127.0.0.3:{port}"), true).await;
+    let d = Server::start(SimConfig::default(), "127.0.0.1:0", false).await;
+    let dns = Arc::new(FakeDns::default());
+    dns.set("prefill.pods", &["127.0.0.2"]);
+    dns.set("decode.pods", &["127.0.0.1"]);
+    let flags = [
+        "--prefiller-host",
+        "prefill.pods",
+        "--prefiller-port",
+        &port.to_string(),
+        "--decoder-host",
+        "decode.pods",
+        "--decoder-port",
+        &d.addr.port().to_string(),
+        "--discovery-interval",
+        "0.1",
+        "--health-interval",
+        "0.1",
+        "--balance",
+        "round-robin",
+    ]
+    .map(String::from)
+    .to_vec();
+    let proxy = Arc::new(Proxy::start(flags, Arc::clone(&dns), public, telemetry).await);
+    wait_ready(&proxy).await;
+    assert_eq!(proxy.endpoints(pd_proxy::fleet::Role::Prefiller), [a.addr]);
+    assert_eq!(proxy.chat(&chat_body(false)).await.status(), 200);
+    assert_eq!((a.prefills(), b.prefills()), (1, 0));
+
+    // The Service gains a pod: it joins after its first passing check.
+    dns.set("prefill.pods", &["127.0.0.2", "127.0.0.3"]);
+    wait_until("the new pod is healthy", || async {
+        proxy
+            .endpoint_metric("pd_proxy_endpoint_healthy", "prefiller", b.addr)
+            .await
+            == 1.0
+    })
+    .await;
+    for _ in 0..4 {
+        assert_eq!(proxy.chat(&chat_body(false)).await.status(), 200);
+    }
+    assert_eq!((a.prefills(), b.prefills()), (3, 2), "both pods take turns");
+
+    // A request is in flight at pod a (its prefill takes 400 ms) when a
+    // leaves the answer: a takes no new requests, and that one finishes.
+    let in_flight = {
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..2 {
+                statuses.push(proxy.chat(&chat_body(false)).await.status().as_u16());
+            }
+            statuses
+        })
+    };
+    wait_until("a prefill in flight at pod a", || async {
+        a.prefills() == 4
+    })
+    .await;
+    dns.set("prefill.pods", &["127.0.0.3"]);
+    wait_until("pod a is gone from the set", || async {
+        proxy.endpoints(pd_proxy::fleet::Role::Prefiller) == [b.addr]
+    })
+    .await;
+    assert_eq!(in_flight.await.unwrap(), [200, 200]);
+    for _ in 0..3 {
+        assert_eq!(proxy.chat(&chat_body(false)).await.status(), 200);
+    }
+    assert_eq!(a.prefills(), 4, "a removed pod gets no new request");
+    assert_eq!(b.prefills(), 2 + 1 + 3);
+    let m = proxy.metrics().await;
+    assert!(
+        !m.contains(&a.addr.to_string()),
+        "a removed endpoint leaves /metrics"
+    );
+
+    // A failing resolution keeps the last answer.
+    dns.0.lock().unwrap().remove("prefill.pods");
+    wait_until("a resolution error is counted", || async {
+        metric_value(&proxy.metrics().await, "pd_proxy_discovery_errors_total") > 0.0
+    })
+    .await;
+    assert_eq!(proxy.endpoints(pd_proxy::fleet::Role::Prefiller), [b.addr]);
+    assert_eq!(proxy.chat(&chat_body(false)).await.status(), 200);
+    assert!(proxy.app.pending.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_prefiller_down_requests_fail_fast_and_come_back_with_one() {
+    let (proxy, mut ps, _ds) = fleet(
+        vec![SimConfig::default(), SimConfig::default()],
+        vec![SimConfig::default()],
+        &["--health-interval", "1"],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    assert_eq!(proxy.chat(&chat_body(false)).await.status(), 200);
+    ps[0].kill().await;
+    ps[1].kill().await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let resp = proxy.chat(&chat_body(false)).await;
+        assert_eq!(resp.status(), 502);
+        assert_openai_error(&resp.json().await.unwrap(), 502);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    wait_until("/ready turns 503", || async { proxy.ready().await == 503 }).await;
+    let body: Value = proxy
+        .client
+        .get(format!("{}/ready", proxy.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let message = assert_openai_error(&body, 503);
+    assert!(message.contains("0 of 2 prefillers"), "{message}");
+    let m = proxy.metrics().await;
+    assert!(metric_value(&m, "pd_proxy_panic_picks_total{role=\"prefiller\"}") >= 1.0);
+
+    // One comes back: with none healthy every prefiller is tried, so
+    // traffic returns at once, well within one health interval.
+    ps[1].revive();
+    let revived = Instant::now();
+    let mut status = 0;
+    while revived.elapsed() < Duration::from_secs(1) {
+        status = proxy.chat(&chat_body(false)).await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        status, 200,
+        "no traffic within one health interval of a prefiller returning"
+    );
+    wait_ready(&proxy).await;
+    assert!(proxy.app.pending.is_empty());
+}
+
+#[tokio::test]
+async fn a_request_from_a_proxy_is_a_508_and_nothing_is_sent() {
+    let s = start(SimConfig::default(), &[]).await;
+    let resp = s
+        .client
+        .post(format!("{}/v1/chat/completions", s.url))
+        .header("x-pd-proxy-hop", "1")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 508);
+    let message = assert_openai_error(&resp.json().await.unwrap(), 508);
+    assert!(message.contains("loop"), "{message}");
+    assert!(s.prefiller.prefill_requests().is_empty());
+    assert!(s.decoder.decode_requests().is_empty());
+    let resp = s
+        .client
+        .get(format!("{}/v1/models", s.url))
+        .header("x-pd-proxy-hop", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 508);
+    assert_eq!(s.metric("pd_proxy_loops_refused_total").await, 2.0);
+    // Every request the proxy sends carries the header.
+    assert_eq!(
+        s.post("/v1/chat/completions", chat_body(false))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        s.prefiller.prefill_requests()[0].headers["x-pd-proxy-hop"],
+        "1"
+    );
+    assert_eq!(
+        s.decoder.decode_requests()[0].headers["x-pd-proxy-hop"],
+        "1"
+    );
+}
+
+#[tokio::test]
+async fn two_proxies_pointing_at_each_other_stop_at_the_second() {
+    // B sits in front of real sims; A uses B's API port as its prefiller.
+    let b = start(SimConfig::default(), &[]).await;
+    let b_port = b.url.rsplit(':').next().unwrap().to_owned();
+    let a = start_with(SimConfig::default(), &[], |_, d| {
+        Some(upstream_flags(
+            "127.0.0.1",
+            b_port.parse().unwrap(),
+            "127.0.0.1",
+            d,
+        ))
+    })
+    .await;
+    let resp = a.post("/v1/chat/completions", chat_body(false)).await;
+    assert_eq!(resp.status(), 502, "A's prefill was refused by B");
+    assert_eq!(b.metric("pd_proxy_loops_refused_total").await, 1.0);
+    assert!(
+        b.prefiller.prefill_requests().is_empty(),
+        "B forwarded nothing"
+    );
+}
+
+#[tokio::test]
+async fn short_prompts_go_straight_to_the_decoder() {
+    let s = start(SimConfig::default(), &["--direct-below-tokens", "256"]).await;
+    let resp = s.post("/v1/chat/completions", chat_body(true)).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert_eq!(sse_data(&text).last().unwrap(), "[DONE]");
+    assert!(
+        s.prefiller.prefill_requests().is_empty(),
+        "no prefill for a short prompt"
+    );
+    assert_eq!(s.decoder.decode_requests().len(), 1);
+
+    // About 2,000 bytes of English: ~450 tokens, over the threshold.
+    let long = "The quick brown fox jumps over the lazy dog while the cache warms. ".repeat(30);
+    let mut body = chat_body(false);
+    body["messages"] = json!([{"role": "user", "content": long}]);
+    assert_eq!(s.post("/v1/chat/completions", body).await.status(), 200);
+    assert_eq!(
+        s.prefiller.prefill_requests().len(),
+        1,
+        "a long prompt is disaggregated"
+    );
+
+    // Completions: a token list is counted exactly.
+    let tokens: Vec<u32> = (0..300).collect();
+    let body = json!({"model": "sim-model", "prompt": tokens, "max_tokens": 4});
+    assert_eq!(s.post("/v1/completions", body).await.status(), 200);
+    assert_eq!(s.prefiller.prefill_requests().len(), 2);
+    let body = json!({"model": "sim-model", "prompt": [1, 2, 3], "max_tokens": 4});
+    assert_eq!(s.post("/v1/completions", body).await.status(), 200);
+    assert_eq!(s.prefiller.prefill_requests().len(), 2);
+
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_value(&m, "pd_proxy_routes_total{route=\"direct\"}"),
+        2.0
+    );
+    assert_eq!(metric_value(&m, "pd_proxy_routes_total{route=\"pd\"}"), 2.0);
+    s.assert_drained().await;
+}
+
+#[tokio::test]
+async fn by_default_every_request_is_disaggregated() {
+    let s = start(SimConfig::default(), &[]).await;
+    let body = json!({"model": "sim-model", "prompt": "hi", "max_tokens": 2});
+    assert_eq!(s.post("/v1/completions", body).await.status(), 200);
+    assert_eq!(s.prefiller.prefill_requests().len(), 1);
+    assert_eq!(s.metric("pd_proxy_routes_total{route=\"pd\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decoder_that_refuses_connections_is_skipped() {
+    let (proxy, _ps, mut ds) = fleet(
+        vec![SimConfig::default()],
+        vec![SimConfig::default(), SimConfig::default()],
+        &["--balance", "round-robin"],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    let dead = ds[0].addr;
+    ds[0].kill().await;
+    for _ in 0..4 {
+        assert_eq!(proxy.chat(&chat_body(true)).await.status(), 200);
+    }
+    assert_eq!(ds[1].sim.decode_requests().len(), 4);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&m, "pd_proxy_retries_total{leg=\"decode\"}"),
+        1.0,
+        "ejected after one refusal"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            &format!("pd_proxy_endpoint_healthy{{role=\"decoder\",endpoint=\"{dead}\"}}")
+        ),
+        0.0
+    );
+    let _ = proxy.telemetry_url.len();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefiller_reporting_a_deep_queue_gets_fewer_prefills() {
+    // vLLM 0.32 answers a non-streaming request that asks with
+    // `endpoint-load-metrics-format: JSON` with its own queue length.
+    let busy = SimConfig {
+        reported_waiting: Some(20),
+        ..Default::default()
+    };
+    let (proxy, ps, _ds) = fleet(
+        vec![SimConfig::default(), busy],
+        vec![SimConfig::default()],
+        &[],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    for _ in 0..40 {
+        assert_eq!(proxy.chat(&chat_body(false)).await.status(), 200);
+    }
+    let asked = ps[1].sim.prefill_requests()[0].headers["endpoint-load-metrics-format"].clone();
+    assert_eq!(asked, "JSON");
+    // Its first prefill reports the queue; after that it loses every
+    // comparison while the report is fresh.
+    assert!(
+        ps[1].prefills() <= 3,
+        "busy prefiller took {} of 40",
+        ps[1].prefills()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefillers_and_decoders_rotate_independently() {
+    // One prefiller, two decoders: with a shared index the Python proxy
+    // pairs them in lockstep; here each role rotates alone.
+    let (proxy, ps, ds) = fleet(
+        vec![SimConfig::default()],
+        vec![SimConfig::default(), SimConfig::default()],
+        &["--balance", "round-robin"],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    for _ in 0..4 {
+        assert_eq!(proxy.chat(&chat_body(false)).await.status(), 200);
+    }
+    assert_eq!(ps[0].prefills(), 4);
+    assert_eq!(
+        (
+            ds[0].sim.decode_requests().len(),
+            ds[1].sim.decode_requests().len()
+        ),
+        (2, 2)
+    );
+}
