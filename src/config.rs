@@ -405,6 +405,11 @@ mod tests {
         assert_eq!(c.kv_ready_timeout, Duration::from_secs(30));
         assert_eq!(c.on_kv_timeout, KvTimeoutPolicy::Decode);
         assert!(c.upstream_auth.is_none());
+        assert_eq!(c.discovery_interval, Duration::from_secs(5));
+        assert_eq!(c.health_interval, Duration::from_secs(2));
+        assert_eq!(c.balance, Balance::LeastLoaded);
+        assert_eq!(c.prefill_retries, 2);
+        assert_eq!(c.direct_below_tokens, 0);
     }
 
     #[test]
@@ -422,6 +427,13 @@ mod tests {
         assert_eq!(authorities(&c.decoders), ["a:1", "b:2"]);
         let (c, _) = parse(&["--decoder-host", "::1"]).unwrap();
         assert_eq!(authorities(&c.decoders), ["[::1]:8200"]);
+        let (c, _) =
+            parse(&["--decoder-host", "[::1],pods.svc", "--decoder-port", "9000"]).unwrap();
+        assert_eq!(authorities(&c.decoders), ["[::1]:9000", "pods.svc:9000"]);
+        assert_eq!(c.decoders[0].ip(), Some("::1".parse().unwrap()));
+        assert_eq!(c.decoders[1].ip(), None);
+        let (c, _) = parse(&["--decoder-host", "a,a", "--decoder-port", "1"]).unwrap();
+        assert_eq!(authorities(&c.decoders), ["a:1"], "duplicates collapse");
     }
 
     #[test]

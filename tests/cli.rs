@@ -92,7 +92,7 @@ fn free_port() -> u16 {
 fn an_upstream_that_is_the_proxy_itself_is_refused() {
     let (port, telemetry) = (free_port(), free_port());
     let (port_s, telemetry_s) = (port.to_string(), telemetry.to_string());
-    for (host, upstream_port) in [("127.0.0.1", &port_s), ("localhost", &telemetry_s)] {
+    for (host, upstream_port) in [("127.0.0.1", &port_s), ("127.0.0.1", &telemetry_s)] {
         let err = refused(
             &[
                 "--host",
