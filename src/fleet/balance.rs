@@ -67,7 +67,9 @@ impl RoleSet {
     }
 
     /// Chooses an endpoint other than those in `tried`: among the healthy
-    /// ones if any, else among all. `None` when nothing is left.
+    /// ones if any; else among those whose last health check passed (back
+    /// from the dead, not yet restored); else among all. `None` when
+    /// nothing is left.
     pub fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<Pick> {
         let all = self.snapshot();
         let now = self.clock.now_ms();
@@ -78,6 +80,14 @@ impl RoleSet {
             return Some(Pick {
                 endpoint: self.choose(&all, healthy, n, now),
                 panic: false,
+            });
+        }
+        let answering = |e: &&Arc<Endpoint>| untried(e) && e.last_check_passed();
+        let n = all.iter().filter(answering).count();
+        if n > 0 {
+            return Some(Pick {
+                endpoint: self.choose(&all, answering, n, now),
+                panic: true,
             });
         }
         let n = all.iter().filter(untried).count();
@@ -183,5 +193,17 @@ mod tests {
         let pick = set.pick(&[]).unwrap();
         assert!(pick.panic, "both ejected: panic mode");
         assert_eq!(set.counts(), (0, 2));
+        // Both fail their checks; then one answers again: it is tried
+        // first, before its second pass restores it.
+        for e in &eps {
+            for _ in 0..3 {
+                e.check_result(false, "refused");
+            }
+        }
+        eps[1].check_result(true, "");
+        assert!(!eps[1].healthy());
+        for _ in 0..20 {
+            assert_eq!(set.pick(&[]).unwrap().endpoint.addr, eps[1].addr);
+        }
     }
 }

@@ -92,6 +92,10 @@ pub struct Endpoint {
     /// The active checks' verdict: passed its way in and not failed its
     /// way out.
     active_ok: AtomicBool,
+    /// The last active check passed: among endpoints none of which is
+    /// healthy, those are tried first (a server that is back answers its
+    /// first check before its second restores it).
+    last_check_passed: AtomicBool,
     /// A passive ejection's end on [`Clock`]; 0 when not ejected.
     ejected_until: AtomicU64,
     /// Passive ejections in a row (no success in between): the back-off's
@@ -135,6 +139,7 @@ impl Endpoint {
             authority,
             clock,
             active_ok: AtomicBool::new(false),
+            last_check_passed: AtomicBool::new(false),
             ejected_until: AtomicU64::new(0),
             backoff_level: AtomicU32::new(0),
             checks: Mutex::new(Checks::default()),
@@ -152,6 +157,10 @@ impl Endpoint {
     pub fn eligible(&self, now_ms: u64) -> bool {
         self.active_ok.load(Ordering::Relaxed)
             && now_ms >= self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    pub fn last_check_passed(&self) -> bool {
+        self.last_check_passed.load(Ordering::Relaxed)
     }
 
     pub fn healthy(&self) -> bool {
@@ -237,6 +246,7 @@ impl Endpoint {
     pub fn check_result(&self, passed: bool, detail: &str) -> bool {
         let mut checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
         let was_ok = self.active_ok.load(Ordering::Relaxed);
+        self.last_check_passed.store(passed, Ordering::Relaxed);
         if passed {
             checks.fails = 0;
             checks.passes = checks.passes.saturating_add(1);

@@ -3,7 +3,9 @@ prefiller and decoder sharing a real LMCache MP server (deploy/up.sh,
 PD_PROFILE=cpu). Proves, per request, that the decoder loaded the prompt's
 KV cache that the prefiller stored: the decoder's
 vllm:prompt_tokens_by_source_total{source="external_kv_transfer"} grows by
-at least one 256-token LMCache chunk for every request.
+at least one 256-token LMCache chunk for every request. Also checks
+pd-proxy's view of its fleet on the real servers: /ready, the per-endpoint
+health gauges, and that every request took the PD route with no retry.
 
 Run by .ci/e2e; by hand, after `PD_PROFILE=cpu deploy/up.sh`:
 
@@ -15,6 +17,7 @@ delta belongs to exactly one request.
 
 import json
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -150,6 +153,40 @@ def parse_sse(text: str) -> list:
     return chunks
 
 
+def series(base: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample of `name` at base/metrics, by its sorted label pairs."""
+    status, _, text = http("GET", f"{base}/metrics", timeout=10)
+    assert status == 200, f"GET {base}/metrics: {status}"
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([^{\s]+)(\{[^}]*\})?\s+(\S+)", line)
+        if m and m.group(1) == name:
+            out[tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")))] = float(m.group(3))
+    return out
+
+
+def endpoint_gauge(stack, name: str, role: str) -> dict[str, float]:
+    """pd-proxy's per-endpoint series `name` of one role, by endpoint label."""
+    return {
+        dict(labels)["endpoint"]: value
+        for labels, value in series(stack.proxy, name).items()
+        if dict(labels).get("role") == role
+    }
+
+
+def upstream_endpoints(stack, port: int) -> set[str]:
+    """The endpoints pd-proxy should have for an upstream on `port`: up.sh
+    passes PD_CONNECT_HOST as --prefiller-host/--decoder-host, and pd-proxy
+    makes every address that host resolves to an endpoint, labelled like
+    Rust's SocketAddr (`ip:port`, `[ip]:port` for IPv6). An IP literal is
+    one endpoint; `localhost` may be two (127.0.0.1 and ::1)."""
+    out = set()
+    for family, _, _, _, sockaddr in socket.getaddrinfo(stack.host, port, type=socket.SOCK_STREAM):
+        ip = sockaddr[0]
+        out.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+    return out
+
+
 def record(kind: str, prompt_tokens: int, ext: int, secs: float) -> None:
     RESULTS.append((kind, prompt_tokens, ext, secs))
     print(f"{kind}: prompt {prompt_tokens} tokens, external KV {ext} tokens, {secs:.2f}s")
@@ -169,6 +206,55 @@ def test_stack_is_up(stack):
     status, _, text = http("GET", f"{stack.proxy}/v1/models")
     assert status == 200 and stack.model in text, text
     assert metric(stack.proxy, "pd_proxy_pending_requests") == 0
+
+
+def test_proxy_is_ready(stack):
+    """/ready answers 200 once pd-proxy's own health checks (GET /health of
+    each vLLM every 2 s) passed for a prefiller and a decoder. up.sh waited
+    only for vLLM's /health, so the proxy may still be a check round behind:
+    until then /ready must be a 503 with an OpenAI-shaped error."""
+    t0 = time.monotonic()
+    not_ready = []
+    while True:
+        status, headers, body = http("GET", f"{stack.proxy}/ready", timeout=10)
+        if status == 200 or time.monotonic() - t0 > 30:
+            break
+        assert status == 503, f"/ready: {status} {body}"
+        assert json.loads(body)["error"]["type"] == "ServiceUnavailableError", body
+        not_ready.append(body)
+        time.sleep(0.2)
+    waited = time.monotonic() - t0
+    assert status == 200, f"/ready still {status} after {waited:.0f}s: {body}"
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    ready = json.loads(body)
+    assert ready["status"] == "ready", ready
+    for role, port in (("prefillers", stack.prefill_port), ("decoders", stack.decode_port)):
+        counts = ready[role]
+        expected = upstream_endpoints(stack, port)
+        assert counts["total"] == len(expected), f"{role}: {counts}, expected endpoints {sorted(expected)}"
+        # With a name such as localhost only the address the vLLM listens on
+        # (PD_HOST) passes its checks; at least one must.
+        assert 1 <= counts["healthy"] <= counts["total"], f"{role}: {counts}"
+    NOTES.append(
+        f"pd-proxy /ready: 200 after {waited:.1f}s ({len(not_ready)} 503s first): "
+        f"prefillers {ready['prefillers']}, decoders {ready['decoders']}"
+    )
+
+
+def test_endpoints_are_healthy_in_metrics(stack):
+    """pd_proxy_endpoint_healthy{role,endpoint}: one series per address the
+    upstream host resolves to, 1 for the ones serving, agreeing with /ready."""
+    _, _, body = http("GET", f"{stack.proxy}/ready", timeout=10)
+    ready = json.loads(body)
+    for role, key, port in (
+        ("prefiller", "prefillers", stack.prefill_port),
+        ("decoder", "decoders", stack.decode_port),
+    ):
+        healthy = endpoint_gauge(stack, "pd_proxy_endpoint_healthy", role)
+        assert set(healthy) == upstream_endpoints(stack, port), f"{role}: {healthy}"
+        assert sorted(set(healthy.values())) in ([1.0], [0.0, 1.0]), f"{role}: {healthy}"
+        assert sum(healthy.values()) == ready[key]["healthy"] >= 1, f"{role}: {healthy}, /ready {ready}"
+        NOTES.append(f"pd_proxy_endpoint_healthy{{role=\"{role}\"}}: {healthy}")
 
 
 def test_decoder_alone_loads_no_external_kv(stack):
@@ -361,3 +447,76 @@ def test_complete_answers_are_counted_as_200(stack):
     """Clients hang up right after the last byte (urllib after the
     Content-Length, the SDK after [DONE]): still a completed request."""
     assert metric(stack.proxy, "pd_proxy_requests_total", {"status": "499"}, 0) == 0
+
+
+def test_fleet_counters_after_traffic(stack):
+    """Four more requests through pd-proxy (chat and completions, streamed
+    and not), each reusing the prefiller's KV, move pd_proxy_routes_total
+    {route="pd"} and each role's pd_proxy_endpoint_requests_total by exactly
+    four. Over the whole run: every answered request took the PD route, no
+    leg was retried, no endpoint was ejected, no pick had to fall back to
+    unhealthy endpoints, and every endpoint that serves is still healthy."""
+    def requests_by_role() -> dict[str, float]:
+        return {
+            role: sum(endpoint_gauge(stack, "pd_proxy_endpoint_requests_total", role).values())
+            for role in ("prefiller", "decoder")
+        }
+
+    routes_before = metric(stack.proxy, "pd_proxy_routes_total", {"route": "pd"})
+    sent_before = requests_by_role()
+    cases = [
+        ("chat", False, "/v1/chat/completions"),
+        ("chat", True, "/v1/chat/completions"),
+        ("completions", False, "/v1/completions"),
+        ("completions", True, "/v1/completions"),
+    ]
+    for api, stream, path in cases:
+        chat = api == "chat"
+        text, n = make_prompt(stack, f"fleet-{api}-{'stream' if stream else 'whole'}", chat=chat)
+        body = {"model": stack.model, "max_tokens": 4, "stream": stream}
+        if chat:
+            body["messages"] = [{"role": "user", "content": text}]
+        else:
+            body["prompt"] = text
+        before = external_kv(stack)
+        status, _, out = http("POST", f"{stack.proxy}{path}", body)
+        assert status == 200, out
+        if stream:
+            parse_sse(out)
+        ext = wait_external_delta(stack, before, CHUNK)
+        assert ext >= CHUNK, f"{api} stream={stream}: {ext} external KV tokens for a {n}-token prompt"
+
+    routes_delta = metric(stack.proxy, "pd_proxy_routes_total", {"route": "pd"}) - routes_before
+    assert routes_delta == len(cases), f"pd_proxy_routes_total{{route=pd}} grew by {routes_delta}"
+    sent_after = requests_by_role()
+    for role in sent_after:
+        delta = sent_after[role] - sent_before[role]
+        assert delta == len(cases), f"pd_proxy_endpoint_requests_total{{role={role}}} grew by {delta}"
+
+    # The whole run.
+    answered = sum(
+        metric(stack.proxy, "pd_proxy_requests_total", {"endpoint": api}, 0) for api in ("chat", "completions")
+    )
+    pd = metric(stack.proxy, "pd_proxy_routes_total", {"route": "pd"})
+    assert pd == answered, f"routes_total{{route=pd}} {pd}, requests_total (chat+completions) {answered}"
+    assert metric(stack.proxy, "pd_proxy_routes_total", {"route": "direct"}) == 0
+    assert metric(stack.proxy, "pd_proxy_retries_total", {"leg": "prefill"}) == 0
+    assert metric(stack.proxy, "pd_proxy_retries_total", {"leg": "decode"}) == 0
+    for role in ("prefiller", "decoder"):
+        assert metric(stack.proxy, "pd_proxy_panic_picks_total", {"role": role}) == 0, role
+        for name in ("pd_proxy_endpoint_ejections_total", "pd_proxy_endpoint_retries_total"):
+            values = endpoint_gauge(stack, name, role)
+            assert values and all(v == 0 for v in values.values()), f"{name}{{role={role}}}: {values}"
+        healthy = endpoint_gauge(stack, "pd_proxy_endpoint_healthy", role)
+        assert sum(healthy.values()) >= 1, f"no healthy {role} after the run: {healthy}"
+    deadline = time.monotonic() + 5
+    while metric(stack.proxy, "pd_proxy_endpoint_in_flight") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(stack.proxy, "pd_proxy_endpoint_in_flight") == 0
+    assert metric(stack.proxy, "pd_proxy_loops_refused_total") == 0
+    assert metric(stack.proxy, "pd_proxy_discovery_errors_total") == 0
+    per_role = ", ".join(f"{role} {v:.0f}" for role, v in sent_after.items())
+    NOTES.append(
+        f"pd-proxy fleet: {pd:.0f} chat/completions requests, all route=pd; sent to endpoints: "
+        f"{per_role}; no retry, ejection or panic pick"
+    )
