@@ -3,13 +3,18 @@
 //! ```text
 //! client ──POST /v1/chat/completions──▶ pd-proxy :8000
 //!   ├─ park the request under a fresh 32-hex id (pending.rs)
+//!   ├─ pick a healthy, lightly loaded prefiller (fleet/)
 //!   ├─ copy with max_tokens=1, stream=false, X-Request-Id: id ──▶ prefiller
 //!   │      prefiller's LMCache, once per TP rank:
 //!   │      POST :5768/api/v1/telemetry {request_store_finished, [chatcmpl-id-xxxxxxxx]}
 //!   │      ──▶ telemetry.rs counts ranks, wakes the parked request
 //!   ├─ wait for every rank, bounded by --kv-ready-timeout
-//!   └─ original body ──▶ decoder ──SSE──▶ relayed as it arrives ──▶ client
+//!   └─ original body ──▶ decoder (picked likewise) ──SSE──▶ relayed ──▶ client
 //! ```
+//!
+//! The fleet behind it changes at run time: names are re-resolved, every
+//! endpoint is health-checked, failures eject, and a prefill that never
+//! reached an engine moves to another prefiller.
 //!
 //! The decoder finds the prompt's KV in LMCache and skips the prefill. The
 //! request path reads top to bottom in `proxy.rs`.
