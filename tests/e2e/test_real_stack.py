@@ -232,8 +232,8 @@ def test_proxy_is_ready(stack):
         counts = ready[role]
         expected = upstream_endpoints(stack, port)
         assert counts["total"] == len(expected), f"{role}: {counts}, expected endpoints {sorted(expected)}"
-        # With a name such as localhost only the address the vLLM listens on
-        # (PD_HOST) passes its checks; at least one must.
+        # With a name such as localhost, one of its addresses may have no
+        # vLLM listening; at least one must pass pd-proxy's checks.
         assert 1 <= counts["healthy"] <= counts["total"], f"{role}: {counts}"
     NOTES.append(
         f"pd-proxy /ready: 200 after {waited:.1f}s ({len(not_ready)} 503s first): "
@@ -493,12 +493,18 @@ def test_fleet_counters_after_traffic(stack):
         delta = sent_after[role] - sent_before[role]
         assert delta == len(cases), f"pd_proxy_endpoint_requests_total{{role={role}}} grew by {delta}"
 
-    # The whole run.
-    answered = sum(
-        metric(stack.proxy, "pd_proxy_requests_total", {"endpoint": api}, 0) for api in ("chat", "completions")
-    )
+    # The whole run. A request is counted answered once its last byte is
+    # relayed, a moment after the client has it.
+    def answered() -> float:
+        return sum(
+            metric(stack.proxy, "pd_proxy_requests_total", {"endpoint": api}, 0) for api in ("chat", "completions")
+        )
+
     pd = metric(stack.proxy, "pd_proxy_routes_total", {"route": "pd"})
-    assert pd == answered, f"routes_total{{route=pd}} {pd}, requests_total (chat+completions) {answered}"
+    deadline = time.monotonic() + 5
+    while answered() != pd and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pd == answered(), f"routes_total{{route=pd}} {pd}, requests_total (chat+completions) {answered()}"
     assert metric(stack.proxy, "pd_proxy_routes_total", {"route": "direct"}) == 0
     assert metric(stack.proxy, "pd_proxy_retries_total", {"leg": "prefill"}) == 0
     assert metric(stack.proxy, "pd_proxy_retries_total", {"leg": "decode"}) == 0
@@ -520,3 +526,27 @@ def test_fleet_counters_after_traffic(stack):
         f"pd-proxy fleet: {pd:.0f} chat/completions requests, all route=pd; sent to endpoints: "
         f"{per_role}; no retry, ejection or panic pick"
     )
+
+
+def test_prefiller_reports_its_load_as_pd_proxy_reads_it(stack):
+    """What pd-proxy's prefill leg relies on for weighing prefillers, asked of
+    the real prefiller directly (which prefiller pd-proxy then picks is not
+    visible from outside): a non-streaming request with
+    `endpoint-load-metrics-format: JSON` is answered with
+    `endpoint-load-metrics: JSON {"named_metrics": {"num_requests_waiting": N, ...}}`.
+    Last in the file: the prefiller may post telemetry for this request,
+    which pd-proxy would count as an unknown id."""
+    req = urllib.request.Request(
+        f"{stack.prefiller}/v1/completions",
+        data=json.dumps({"model": stack.model, "prompt": "the cache stores keys", "max_tokens": 1}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "endpoint-load-metrics-format": "JSON"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200
+        report = r.headers.get("endpoint-load-metrics")
+    assert report and report.startswith("JSON "), f"endpoint-load-metrics: {report!r}"
+    named = json.loads(report[len("JSON "):])["named_metrics"]
+    waiting = named["num_requests_waiting"]
+    assert isinstance(waiting, (int, float)) and waiting >= 0, named
+    NOTES.append(f"prefiller's ORCA load report (asked directly): {report}")
