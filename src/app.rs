@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::fleet::{Fleet, Resolve, SystemResolver};
 use crate::metrics::Metrics;
 use crate::pending::Pending;
+use crate::tokens::TokenEstimate;
 use crate::upstream::{self, HttpClient};
 
 pub struct App {
@@ -16,6 +17,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub client: HttpClient,
     pub fleet: Arc<Fleet>,
+    /// The prompt-length guess of `--direct-below-tokens`.
+    pub tokens: TokenEstimate,
 }
 
 impl App {
@@ -32,6 +35,7 @@ impl App {
             pending: Pending::new(metrics.pending.clone()),
             fleet: Fleet::new(&config, resolver, client.clone()),
             client,
+            tokens: TokenEstimate::new(metrics.bytes_per_token.clone()),
             metrics,
             config,
         })

@@ -30,6 +30,7 @@ pub mod proxy;
 pub mod server;
 pub mod sim;
 pub mod telemetry;
+pub mod tokens;
 pub mod upstream;
 
 pub use app::App;

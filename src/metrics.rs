@@ -30,6 +30,7 @@ pub const RETRIES: &str = "pd_proxy_retries_total";
 pub const ROUTES: &str = "pd_proxy_routes_total";
 pub const PANIC_PICKS: &str = "pd_proxy_panic_picks_total";
 pub const LOOPS: &str = "pd_proxy_loops_refused_total";
+pub const BYTES_PER_TOKEN: &str = "pd_proxy_prompt_bytes_per_token";
 // Rendered by the fleet from its live endpoints, see
 // `Fleet::render_metrics`.
 pub const ENDPOINT_HEALTHY: &str = "pd_proxy_endpoint_healthy";
@@ -75,6 +76,7 @@ pub struct Metrics {
     routes: [Counter; 2],
     panic_picks: [Counter; 2],
     pub loops: Counter,
+    pub bytes_per_token: Gauge,
 }
 
 impl Metrics {
@@ -150,6 +152,11 @@ impl Metrics {
             "Endpoint choices made with no healthy endpoint of the role, among all of them.",
         );
         describe(
+            BYTES_PER_TOKEN,
+            None,
+            "Prompt bytes per token in the length estimate of --direct-below-tokens, learned from the prefillers' usage counts.",
+        );
+        describe(
             LOOPS,
             None,
             "Requests refused with 508 because they came from a pd-proxy.",
@@ -182,6 +189,8 @@ impl Metrics {
                 labelled(PANIC_PICKS, &DECODER_LABELS),
             ],
             loops: counter(LOOPS),
+            bytes_per_token: recorder
+                .register_gauge(&Key::from_static_name(BYTES_PER_TOKEN), &METADATA),
             pending: recorder.register_gauge(&Key::from_static_name(PENDING), &METADATA),
             prefill_seconds: histogram(PREFILL_SECONDS),
             kv_wait_seconds: histogram(KV_WAIT_SECONDS),

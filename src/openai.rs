@@ -6,6 +6,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::error::ProxyError;
+use crate::tokens::PromptSize;
 
 /// The two OpenAI endpoints the proxy disaggregates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,9 +43,9 @@ pub struct ClientRequest {
     /// Engine requests vLLM makes of it: one per prompt of a completions
     /// batch. Each one reports its KV separately.
     pub prompts: usize,
-    /// The prompt's length in tokens as [`estimate_tokens`] guesses it
-    /// (for a batch, its longest prompt's), for `--direct-below-tokens`.
-    pub estimated_prompt_tokens: u64,
+    /// What the token estimate needs of the prompt, for
+    /// `--direct-below-tokens`.
+    pub size: PromptSize,
 }
 
 impl ClientRequest {
@@ -72,15 +73,15 @@ impl ClientRequest {
             Api::Chat => 1,
             Api::Completions => prompt_count(body.get("prompt")),
         };
-        let estimated_prompt_tokens = match api {
-            Api::Chat => chat_tokens(body.get("messages")),
-            Api::Completions => completion_tokens(body.get("prompt")),
+        let size = match api {
+            Api::Chat => chat_size(body.get("messages")),
+            Api::Completions => completion_size(body.get("prompt")),
         };
         Ok(ClientRequest {
             body,
             stream,
             prompts,
-            estimated_prompt_tokens,
+            size,
         })
     }
 
@@ -118,63 +119,56 @@ fn prompt_count(prompt: Option<&Value>) -> usize {
     }
 }
 
-/// UTF-8 bytes per token of English text under the BPE vocabularies of
-/// current models (measured on the CPU stack's Qwen2 tokenizer, see the
-/// README); text in other scripts packs fewer bytes per token, so it is
-/// underestimated, which errs towards the full PD path.
-pub const BYTES_PER_TOKEN: u64 = 4;
-
-/// Tokens a chat template adds per message (role markers, separators)
-/// and once per conversation (the generation prompt), as measured on the
-/// same tokenizer.
-pub const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 5;
-pub const TEMPLATE_TOKENS_FIXED: u64 = 3;
-
-/// Estimates a text's token count from its length: exact counting needs
-/// the model's tokenizer and chat template, and a prompt near the
-/// threshold loses little either way (a few tokens of one chunk).
-pub fn estimate_tokens(text: &str) -> u64 {
-    (text.len() as u64).div_ceil(BYTES_PER_TOKEN)
-}
-
-/// A chat prompt: every message's text (a string, or the `text` of its
-/// content parts) plus the template's markers.
-fn chat_tokens(messages: Option<&Value>) -> u64 {
-    let Some(Value::Array(messages)) = messages else {
-        return 0;
+/// A chat prompt's size: every message's text (a string, or the `text`
+/// of its content parts) and the number of messages.
+fn chat_size(messages: Option<&Value>) -> PromptSize {
+    let mut size = PromptSize {
+        single_text: true,
+        ..Default::default()
     };
-    let mut tokens = TEMPLATE_TOKENS_FIXED;
+    let Some(Value::Array(messages)) = messages else {
+        return size;
+    };
+    size.messages = messages.len() as u64;
     for message in messages {
-        tokens += TEMPLATE_TOKENS_PER_MESSAGE;
         match message.get("content") {
-            Some(Value::String(text)) => tokens += estimate_tokens(text),
+            Some(Value::String(text)) => size.text_bytes += text.len() as u64,
             Some(Value::Array(parts)) => {
                 for part in parts {
                     if let Some(Value::String(text)) = part.get("text") {
-                        tokens += estimate_tokens(text);
+                        size.text_bytes += text.len() as u64;
                     }
                 }
             }
             _ => {}
         }
     }
-    tokens
+    size
 }
 
-/// A completions prompt: a string is estimated, a token list counted;
-/// for a batch, the longest prompt decides, since sending a batch direct
-/// gives up the reuse of all its prompts.
-fn completion_tokens(prompt: Option<&Value>) -> u64 {
+/// A completions prompt's size: a string's bytes, a token list's length;
+/// for a batch, the longest of each, since sending a batch direct gives
+/// up the reuse of all its prompts.
+fn completion_size(prompt: Option<&Value>) -> PromptSize {
+    let mut size = PromptSize::default();
     match prompt {
-        Some(Value::String(text)) => estimate_tokens(text),
-        Some(Value::Array(items)) if items.iter().all(Value::is_number) => items.len() as u64,
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|item| completion_tokens(Some(item)))
-            .max()
-            .unwrap_or(0),
-        _ => 0,
+        Some(Value::String(text)) => {
+            size.text_bytes = text.len() as u64;
+            size.single_text = true;
+        }
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
+            size.token_ids = items.len() as u64;
+        }
+        Some(Value::Array(items)) => {
+            for item in items {
+                let one = completion_size(Some(item));
+                size.text_bytes = size.text_bytes.max(one.text_bytes);
+                size.token_ids = size.token_ids.max(one.token_ids);
+            }
+        }
+        _ => {}
     }
+    size
 }
 
 #[cfg(test)]
@@ -220,6 +214,33 @@ mod tests {
         assert_eq!(n(json!(["a", "b", "c"])), 3);
         assert_eq!(n(json!([[1, 2], [3]])), 2);
         assert_eq!(parse(Api::Chat, json!({"prompt":["a","b"]})).prompts, 1);
+    }
+
+    #[test]
+    fn prompt_sizes() {
+        let size = |api, v: Value| parse(api, v).size;
+        let chat = size(
+            Api::Chat,
+            json!({"messages":[{"role":"system","content":"abcd"},
+                               {"role":"user","content":[{"type":"text","text":"xy"},{"type":"image_url"}]}]}),
+        );
+        assert_eq!(
+            (chat.text_bytes, chat.messages, chat.single_text),
+            (6, 2, true)
+        );
+        let batch = size(
+            Api::Completions,
+            json!({"prompt":["abc", "abcdef", [1, 2]]}),
+        );
+        assert_eq!(
+            (batch.text_bytes, batch.token_ids, batch.single_text),
+            (6, 2, false)
+        );
+        let one = size(Api::Completions, json!({"prompt":"héllo"}));
+        assert_eq!(
+            (one.text_bytes, one.messages, one.single_text),
+            (6, 0, true)
+        );
     }
 
     #[test]

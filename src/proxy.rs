@@ -34,6 +34,7 @@ use crate::fleet::{Endpoint, InFlight, Role};
 use crate::metrics::Route;
 use crate::openai::{Api, ClientRequest};
 use crate::pending::{ParkedGuard, RequestId};
+use crate::tokens::PromptSize;
 use crate::upstream;
 
 /// Largest request body accepted. Long-context prompts run to megabytes of
@@ -122,17 +123,17 @@ async fn run(
     let raw = read_body(body).await?;
     // Only the rewritten copy and the prompt count outlive parsing: the
     // parsed body would otherwise sit in memory for the whole KV wait.
-    let (prefill_body, prompts, route) = {
+    let (prefill_body, prompts, size, route) = {
         let request = ClientRequest::parse(api, &raw)?;
         log.stream = request.stream;
         let threshold = app.config.direct_below_tokens;
-        let route = if threshold > 0 && request.estimated_prompt_tokens < u64::from(threshold) {
+        let route = if threshold > 0 && app.tokens.tokens(&request.size) < u64::from(threshold) {
             Route::Direct
         } else {
             Route::Pd
         };
         let prefill_body = (route == Route::Pd).then(|| request.prefill_body());
-        (prefill_body, request.prompts, route)
+        (prefill_body, request.prompts, request.size, route)
     };
     log.route = route;
     app.metrics.route(route);
@@ -143,7 +144,9 @@ async fn run(
         // decode, 1 KB for the relay) would size the whole request future,
         // and a parked request would hold 6.1 KB through the wait instead
         // of 1 KB.
-        if let Some(refusal) = Box::pin(prefill(app, api, prefill_body, id, auth, log)).await? {
+        if let Some(refusal) =
+            Box::pin(prefill(app, api, prefill_body, size, id, auth, log)).await?
+        {
             return Ok(refusal);
         }
         await_kv(app, guard, kv_ready, log).await?;
@@ -275,6 +278,7 @@ async fn prefill(
     app: &App,
     api: Api,
     body: Bytes,
+    size: PromptSize,
     id: RequestId,
     auth: Option<&HeaderValue>,
     log: &mut RequestLog,
@@ -364,6 +368,13 @@ async fn prefill(
     app.metrics.prefill_seconds.record(elapsed);
     log.prefill = Some(elapsed);
     if status.is_success() {
+        // The engine's exact count teaches the length estimate; only
+        // worth a parse when the estimate is in use.
+        if app.config.direct_below_tokens > 0 {
+            if let Some(tokens) = crate::tokens::prompt_tokens(&answer) {
+                app.tokens.learn(&size, tokens);
+            }
+        }
         return Ok(None);
     }
     if status.is_client_error() {

@@ -777,3 +777,38 @@ async fn prefillers_and_decoders_rotate_independently() {
         (2, 2)
     );
 }
+
+#[tokio::test]
+async fn the_length_estimate_learns_the_engines_token_counts() {
+    // pd-sim counts a word as a token: "tokenization " is 13 bytes a
+    // token, where the estimate starts at 4.
+    let s = start(SimConfig::default(), &["--direct-below-tokens", "100"]).await;
+    let chat = |words: usize| {
+        let mut body = chat_body(false);
+        body["messages"] = json!([{"role": "user", "content": "tokenization ".repeat(words)}]);
+        body
+    };
+    assert_eq!(s.metric("pd_proxy_prompt_bytes_per_token").await, 4.0);
+    // 60 words, 780 bytes: ~200 tokens at 4 bytes each, so disaggregated.
+    assert_eq!(s.post("/v1/chat/completions", chat(60)).await.status(), 200);
+    assert_eq!(s.prefiller.prefill_requests().len(), 1);
+    for _ in 0..64 {
+        assert_eq!(
+            s.post("/v1/chat/completions", chat(300)).await.status(),
+            200
+        );
+    }
+    let ratio = s.metric("pd_proxy_prompt_bytes_per_token").await;
+    assert!(
+        (12.5..14.0).contains(&ratio),
+        "learned {ratio} bytes per token"
+    );
+    // Now 60 words are ~68 tokens: below the threshold, straight to a
+    // decoder.
+    assert_eq!(s.post("/v1/chat/completions", chat(60)).await.status(), 200);
+    assert_eq!(s.prefiller.prefill_requests().len(), 65);
+    assert_eq!(
+        s.metric("pd_proxy_routes_total{route=\"direct\"}").await,
+        1.0
+    );
+}
