@@ -9,10 +9,17 @@
 //!   proxy's share of the direct throughput, and the proxy's CPU per request;
 //! - B: realistic upstream timings at 1024 clients: the proxy's overhead
 //!   over the simulated time;
+//! - F: a fleet of 3 prefillers and 2 decoders, one prefiller SIGKILLed
+//!   under load: errors, req/s and latency before the kill, in the second
+//!   after it (ejection) and after that, and the proxy's retry and
+//!   ejection counters;
+//! - W: the 64-client share measured with `wrk`, an independent load
+//!   generator, when it is on PATH (skipped with a reason otherwise);
 //! - memory: proxy RSS idle, with 10,000 requests parked, after release.
 //!
-//! Prints a table and rewrites `benches/RESULTS.md`. `-- --quick` runs
-//! shorter, for a smoke test.
+//! Prints a table and rewrites `benches/RESULTS.md`, keeping whatever
+//! follows [`KEPT_MARKER`] there (results measured outside the bench).
+//! `-- --quick` runs shorter, for a smoke test.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -32,6 +39,11 @@ const PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
 
 const CHAT_16: &[u8] = br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":16,"stream":true}"#;
 const CHAT_64: &[u8] = br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":64,"stream":true}"#;
+
+/// In `benches/RESULTS.md`, this line and what follows it are kept when
+/// the bench rewrites the file: results measured outside the bench.
+const KEPT_MARKER: &str =
+    "<!-- measured outside `cargo bench`: cargo bench keeps this line and what follows it -->";
 
 /// Scenario B's simulated timings (ms): prefill, telemetry after the
 /// prefill response, decoder first token, then per token; 64 tokens.
@@ -56,6 +68,25 @@ struct Stats {
 }
 
 impl Stats {
+    /// Counts every answer; the latencies leave out each client's first
+    /// request, which also paid for connecting (all clients at once, and
+    /// through the proxy its upstream connections too).
+    fn of<'a>(samples: impl Iterator<Item = &'a Sample>) -> Stats {
+        let mut stats = Stats::default();
+        for s in samples {
+            if !s.ok {
+                stats.errors += 1;
+                continue;
+            }
+            stats.ok += 1;
+            if !s.first {
+                stats.ttfb.push(s.ttfb);
+                stats.e2e.push(s.e2e);
+            }
+        }
+        stats
+    }
+
     fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
@@ -167,41 +198,65 @@ struct Stack {
     decoder_addr: SocketAddr,
 }
 
+/// pd-sim's flags: its two ports, telemetry to the proxy's port `tel`.
+fn sim_args(pp: u16, dp: u16, tel: u16, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--prefiller-port",
+        &pp.to_string(),
+        "--decoder-port",
+        &dp.to_string(),
+        "--telemetry-url",
+        &format!("http://127.0.0.1:{tel}/api/v1/telemetry"),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// pd-proxy's flags on loopback: API port, telemetry port, upstream ports
+/// (comma lists).
+fn proxy_args(
+    api: u16,
+    tel: u16,
+    prefill_ports: &str,
+    decode_ports: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &api.to_string(),
+        "--prefiller-host",
+        "127.0.0.1",
+        "--prefiller-port",
+        prefill_ports,
+        "--decoder-host",
+        "127.0.0.1",
+        "--decoder-port",
+        decode_ports,
+        "--telemetry-port",
+        &tel.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 impl Stack {
     async fn start(sim_flags: &[&str], proxy_flags: &[&str]) -> Stack {
+        Stack::start_with(PROXY, sim_flags, proxy_flags).await
+    }
+
+    /// With `proxy` as the pd-proxy binary.
+    async fn start_with(proxy: &str, sim_flags: &[&str], proxy_flags: &[&str]) -> Stack {
         let (pp, dp, api, tel) = (free_port(), free_port(), free_port(), free_port());
-        let mut args: Vec<String> = [
-            "--prefiller-port",
-            &pp.to_string(),
-            "--decoder-port",
-            &dp.to_string(),
-            "--telemetry-url",
-            &format!("http://127.0.0.1:{tel}/api/v1/telemetry"),
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(sim_flags.iter().map(|s| s.to_string()));
-        let sim = Proc::spawn(SIM, &args);
-        let mut args: Vec<String> = [
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &api.to_string(),
-            "--prefiller-host",
-            "127.0.0.1",
-            "--prefiller-port",
-            &pp.to_string(),
-            "--decoder-host",
-            "127.0.0.1",
-            "--decoder-port",
-            &dp.to_string(),
-            "--telemetry-port",
-            &tel.to_string(),
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(proxy_flags.iter().map(|s| s.to_string()));
-        let proxy = Proc::spawn(PROXY, &args);
+        let sim = Proc::spawn(SIM, &sim_args(pp, dp, tel, sim_flags));
+        let (pp_s, dp_s) = (pp.to_string(), dp.to_string());
+        let args = proxy_args(api, tel, &pp_s, &dp_s, proxy_flags);
+        let proxy = Proc::spawn(proxy, &args);
         let stack = Stack {
             sim,
             proxy,
@@ -303,54 +358,8 @@ async fn closed_loop(
     body: &'static [u8],
 ) -> Stats {
     let started = Instant::now();
-    let deadline = started + duration;
-    let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
-            tokio::spawn(async move {
-                let mut stats = Stats::default();
-                let mut sender = None;
-                let mut warming_up = true;
-                while Instant::now() < deadline {
-                    if sender.is_none() {
-                        sender = connect(addr).await;
-                        if sender.is_none() {
-                            stats.errors += 1;
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    }
-                    let t0 = Instant::now();
-                    let s = sender.as_mut().unwrap();
-                    match one_request(s, addr, Bytes::from_static(body), t0).await {
-                        Some(ttfb) => {
-                            stats.ok += 1;
-                            // The first answer also paid for connecting:
-                            // all clients at once, and through the proxy
-                            // its upstream connections too. Checked and
-                            // counted, but the latencies are steady state.
-                            if !std::mem::replace(&mut warming_up, false) {
-                                stats.ttfb.push(ttfb);
-                                stats.e2e.push(t0.elapsed());
-                            }
-                        }
-                        None => {
-                            stats.errors += 1;
-                            sender = None;
-                        }
-                    }
-                }
-                stats
-            })
-        })
-        .collect();
-    let mut total = Stats::default();
-    for w in workers {
-        let s = w.await.unwrap();
-        total.ok += s.ok;
-        total.errors += s.errors;
-        total.ttfb.extend(s.ttfb);
-        total.e2e.extend(s.e2e);
-    }
+    let samples = timed_loop(addr, concurrency, duration, body, started).await;
+    let mut total = Stats::of(samples.iter());
     total.elapsed = started.elapsed();
     total
 }
@@ -505,6 +514,427 @@ async fn scenario_b(report: &mut Report, duration: Duration, clients: usize) -> 
         verdict(
             proxied.errors == 0,
             format!("B errors {} (want 0)", proxied.errors),
+        ),
+    ]
+}
+
+/// Scenario F's prefill time (ms): long enough that every prefiller has
+/// requests in flight when one is killed.
+const F_PREFILL: u64 = 20;
+/// Scenario F's `--health-interval` (s).
+const F_HEALTH_INTERVAL: &str = "0.5";
+
+/// One request of a timed closed loop.
+struct Sample {
+    /// When the answer ended (or failed), from the loop's origin.
+    end: Duration,
+    ok: bool,
+    ttfb: Duration,
+    e2e: Duration,
+    /// The client's first request, which also connected: counted, but
+    /// left out of the latency percentiles as in [`closed_loop`].
+    first: bool,
+}
+
+/// [`closed_loop`] that keeps every request's outcome and end time, so a
+/// run can be cut into windows afterwards.
+async fn timed_loop(
+    addr: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+    body: &'static [u8],
+    origin: Instant,
+) -> Vec<Sample> {
+    let deadline = Instant::now() + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                let mut sender = None;
+                let mut first = true;
+                while Instant::now() < deadline {
+                    if sender.is_none() {
+                        let t0 = Instant::now();
+                        sender = connect(addr).await;
+                        if sender.is_none() {
+                            samples.push(Sample {
+                                end: origin.elapsed(),
+                                ok: false,
+                                ttfb: Duration::ZERO,
+                                e2e: t0.elapsed(),
+                                first,
+                            });
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    }
+                    let t0 = Instant::now();
+                    let s = sender.as_mut().unwrap();
+                    let result = one_request(s, addr, Bytes::from_static(body), t0).await;
+                    if result.is_none() {
+                        sender = None;
+                    }
+                    samples.push(Sample {
+                        end: origin.elapsed(),
+                        ok: result.is_some(),
+                        ttfb: result.unwrap_or_default(),
+                        e2e: t0.elapsed(),
+                        first: std::mem::replace(&mut first, false),
+                    });
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    all
+}
+
+/// The value of the first series of `name` whose labels hold every one of
+/// `labels` (`key="value"` strings); NaN when there is none.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix(name))
+        .filter(|rest| rest.starts_with(['{', ' ']))
+        .filter_map(|rest| rest.rsplit_once(' '))
+        .find(|(series, _)| labels.iter().all(|want| series.contains(want)))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// 3 pd-sim processes, the proxy in front of the 3 prefillers and of the
+/// decoders of the first 2; the third process (only its prefiller is in
+/// use) is SIGKILLed after `before`, and the load goes on for `after`.
+async fn scenario_f(
+    report: &mut Report,
+    before: Duration,
+    after: Duration,
+    clients: usize,
+) -> Vec<String> {
+    let tel = free_port();
+    let mut sims = Vec::new();
+    for _ in 0..3 {
+        let (pp, dp) = (free_port(), free_port());
+        let args = sim_args(pp, dp, tel, &["--prefill-delay-ms", &F_PREFILL.to_string()]);
+        sims.push((Proc::spawn(SIM, &args), pp, dp));
+    }
+    let ports =
+        |ps: &mut dyn Iterator<Item = u16>| ps.map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+    let prefill_ports = ports(&mut sims.iter().map(|s| s.1));
+    let decode_ports = ports(&mut sims.iter().take(2).map(|s| s.2));
+    let api = free_port();
+    let args = proxy_args(
+        api,
+        tel,
+        &prefill_ports,
+        &decode_ports,
+        &["--health-interval", F_HEALTH_INTERVAL],
+    );
+    let _proxy = Proc::spawn(PROXY, &args);
+    let proxy: SocketAddr = ([127, 0, 0, 1], api).into();
+    for (_, pp, dp) in &sims {
+        wait_ready(([127, 0, 0, 1], *pp).into()).await;
+        wait_ready(([127, 0, 0, 1], *dp).into()).await;
+    }
+    wait_ready(proxy).await;
+    // Every endpoint through its first health check before the load.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = get_text(proxy, "/metrics").await.unwrap_or_default();
+        let healthy: f64 = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("pd_proxy_endpoint_healthy{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        if healthy >= 5.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fleet never became healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    closed_loop(proxy, 8, Duration::from_millis(300), CHAT_16).await;
+
+    let victim = format!("endpoint=\"127.0.0.1:{}\"", sims[2].1);
+    let victim_labels = ["role=\"prefiller\"", victim.as_str()];
+    let requests_to_victim =
+        |text: &str| metric(text, "pd_proxy_endpoint_requests_total", &victim_labels);
+    let origin = Instant::now();
+    let load = tokio::spawn(timed_loop(proxy, clients, before + after, CHAT_16, origin));
+    tokio::time::sleep_until((origin + before).into()).await;
+    let at_kill = get_text(proxy, "/metrics").await.unwrap_or_default();
+    let (victim_proc, _, _) = &mut sims[2];
+    victim_proc.0.kill().expect("SIGKILL pd-sim");
+    let killed = origin.elapsed();
+    let _ = victim_proc.0.wait();
+    tokio::time::sleep_until((origin + killed + Duration::from_secs(1)).into()).await;
+    let at_1s = get_text(proxy, "/metrics").await.unwrap_or_default();
+    let samples = load.await.unwrap();
+    let at_end = get_text(proxy, "/metrics").await.unwrap_or_default();
+
+    report.line(format!(
+        "### F: fleet, 3 prefillers ({F_PREFILL} ms prefill) + 2 decoders, one prefiller SIGKILLed under load; {clients} clients, 16-token chat streams, pd-proxy `--health-interval {F_HEALTH_INTERVAL}`, other flags default (least-loaded, `--prefill-retries 2`)"
+    ));
+    report.line("");
+    report.line("| window (by answer end) | s | req/s | answers | errors | TTFB p50 ms | TTFB p99 ms | e2e p50 ms | e2e p99 ms | requests sent to the killed prefiller |");
+    report.line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let one_s = killed + Duration::from_secs(1);
+    let last = samples
+        .iter()
+        .map(|s| s.end)
+        .max()
+        .unwrap_or(one_s)
+        .max(one_s);
+    let sent = [
+        requests_to_victim(&at_kill),
+        requests_to_victim(&at_1s) - requests_to_victim(&at_kill),
+        requests_to_victim(&at_end) - requests_to_victim(&at_1s),
+    ];
+    let windows = [
+        ("before the kill", Duration::ZERO, killed),
+        ("first second after it", killed, one_s),
+        ("rest after it", one_s, last + Duration::from_nanos(1)),
+    ];
+    let mut errors = [0u64; 3];
+    for (i, (name, from, to)) in windows.into_iter().enumerate() {
+        let window = samples.iter().filter(|s| s.end >= from && s.end < to);
+        let mut stats = Stats::of(window);
+        errors[i] = stats.errors;
+        let (ok, answers) = (stats.ok, stats.ok + stats.errors);
+        let (ttfb, e2e) = (&mut stats.ttfb, &mut stats.e2e);
+        let secs = (to - from).as_secs_f64();
+        report.line(format!(
+            "| {name} | {secs:.2} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            ok as f64 / secs,
+            answers,
+            errors[i],
+            pct(ttfb, 0.5),
+            pct(ttfb, 0.99),
+            pct(e2e, 0.5),
+            pct(e2e, 0.99),
+            sent[i],
+        ));
+    }
+    report.line("");
+    let retries = metric(&at_end, "pd_proxy_retries_total", &["leg=\"prefill\""]);
+    let ejections = metric(&at_end, "pd_proxy_endpoint_ejections_total", &victim_labels);
+    let victim_requests = requests_to_victim(&at_end);
+    let kv_timeouts = metric(&at_end, "pd_proxy_kv_ready_timeouts_total", &[]);
+    let prefill_errors = metric(
+        &at_end,
+        "pd_proxy_upstream_errors_total",
+        &["leg=\"prefill\""],
+    );
+    report.line(format!(
+        "Killed at {:.2} s. From pd-proxy's /metrics after the run: `pd_proxy_retries_total{{leg=\"prefill\"}}` {retries}, `pd_proxy_upstream_errors_total{{leg=\"prefill\"}}` {prefill_errors}, `pd_proxy_kv_ready_timeouts_total` {kv_timeouts}; killed prefiller (127.0.0.1:{}): `pd_proxy_endpoint_ejections_total` {ejections}, `pd_proxy_endpoint_requests_total` {victim_requests}. Requests sent to the killed prefiller: its `pd_proxy_endpoint_requests_total` (counted when sent) scraped just before the kill, at kill + 1 s and at the end, so a request sent between the first scrape and the kill lands in the second window. Errors: answers that were not a 200 ending in `data: [DONE]`, or failed connections. Latency percentiles leave out each client's first request.",
+        killed.as_secs_f64(),
+        sims[2].1,
+    ));
+    report.line("");
+    vec![
+        verdict(
+            errors[2] == 0,
+            format!("F errors after the ejection second {} (want 0)", errors[2]),
+        ),
+        verdict(
+            ejections >= 1.0,
+            format!("F killed prefiller ejected ({ejections} ejections)"),
+        ),
+    ]
+}
+
+/// `path` of an executable named `bin` on PATH.
+fn on_path(bin: &str) -> Option<std::path::PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(bin))
+        .find(|p| p.is_file())
+}
+
+/// One wrk run's outcome.
+struct WrkRun {
+    rps: f64,
+    requests: u64,
+    /// "Non-2xx or 3xx responses" (wrk prints the line only when some).
+    non_2xx: u64,
+    /// connect + read + write + timeout.
+    socket_errors: u64,
+}
+
+/// `wrk -t2 -c64 -d{secs}s -s {script} {url}`.
+fn wrk(url: &str, secs: u64, script: &std::path::Path) -> Result<WrkRun, String> {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{secs}s"), "-s"])
+        .arg(script)
+        .arg(url)
+        .output()
+        .map_err(|e| format!("running wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("wrk failed: {text}"));
+    }
+    let number = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let rps = number("Requests/sec:").ok_or_else(|| format!("no req/s in wrk's output: {text}"))?;
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0);
+    let socket_errors = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .map_or(0, |l| {
+            l.split(',')
+                .filter_map(|f| f.split_whitespace().last()?.parse::<u64>().ok())
+                .sum()
+        });
+    Ok(WrkRun {
+        rps,
+        requests,
+        non_2xx: number("Non-2xx or 3xx responses:").map_or(0, |n| n as u64),
+        socket_errors,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The 64-client share measured with wrk, a load generator apart from
+/// this process: pd-sim's decoder directly, then pd-proxy (defaults:
+/// least-loaded, health checks on) in front of its own pd-sim, and, when
+/// `PD_PROXY_BASELINE` names another pd-proxy binary, that one in front of
+/// a third pd-sim; in turn, `runs` times.
+async fn scenario_w(report: &mut Report, secs: u64, runs: usize) -> Vec<String> {
+    report.line("### W: 64 connections measured with wrk (a separate load generator), 16-token chat streams");
+    report.line("");
+    if on_path("wrk").is_none() {
+        let why = "skipped: `wrk` is not on PATH (e.g. `apt-get install wrk`)";
+        report.line(why);
+        report.line("");
+        eprintln!("W {why}");
+        return Vec::new();
+    }
+    let script = std::env::temp_dir().join(format!("pd-proxy-load-{}.lua", std::process::id()));
+    let body = std::str::from_utf8(CHAT_16).unwrap();
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [[{body}]]\n"
+        ),
+    )
+    .expect("writing the wrk script");
+    let stack = Stack::start(&[], &[]).await;
+    let baseline_bin = std::env::var("PD_PROXY_BASELINE")
+        .ok()
+        .filter(|p| !p.is_empty());
+    let baseline = match &baseline_bin {
+        Some(bin) => Some(Stack::start_with(bin, &[], &[]).await),
+        None => None,
+    };
+    // Warm the proxies' upstream pools.
+    closed_loop(stack.proxy_addr, 8, Duration::from_millis(300), CHAT_16).await;
+    if let Some(b) = &baseline {
+        closed_loop(b.proxy_addr, 8, Duration::from_millis(300), CHAT_16).await;
+    }
+    let mut targets: Vec<(&str, SocketAddr, Option<&Proc>, &Proc)> = vec![
+        ("direct", stack.decoder_addr, None, &stack.sim),
+        ("pd-proxy", stack.proxy_addr, Some(&stack.proxy), &stack.sim),
+    ];
+    if let Some(b) = &baseline {
+        targets.push(("baseline", b.proxy_addr, Some(&b.proxy), &b.sim));
+    }
+    report.line(format!(
+        "Each run: `wrk -t2 -c64 -d{secs}s -s post.lua http://ADDR/v1/chat/completions`, post.lua POSTing the 16-token streaming chat body; targets in turn, rounds: {runs}. pd-proxy with its defaults (`--balance least-loaded`, health checks every 2 s){}. Share = proxy req/s ÷ direct req/s of the same round.",
+        match &baseline_bin {
+            Some(b) => format!("; baseline = `PD_PROXY_BASELINE={b}`"),
+            None => String::new(),
+        }
+    ));
+    report.line("");
+    report.line("| round | target | req/s | share | non-2xx | socket errors | proxy CPU µs/req | pd-sim CPU µs/req |");
+    report.line("|---:|---|---:|---:|---:|---:|---:|---:|");
+    let mut rps: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let mut bad = 0;
+    for round in 1..=runs {
+        let mut direct = f64::NAN;
+        for (i, (name, addr, proc, sim)) in targets.iter().enumerate() {
+            let url = format!("http://{addr}/v1/chat/completions");
+            let cpu0 = proc.map(|p| p.cpu());
+            let sim0 = sim.cpu();
+            let script = script.clone();
+            let run = tokio::task::spawn_blocking(move || wrk(&url, secs, &script))
+                .await
+                .unwrap();
+            let run = match run {
+                Ok(run) => run,
+                Err(e) => {
+                    report.line(format!("| {round} | {name} | {e} | | | | | |"));
+                    bad += 1;
+                    continue;
+                }
+            };
+            bad += run.non_2xx + run.socket_errors;
+            let cpu = match (proc, cpu0) {
+                (Some(p), Some(c0)) => format!(
+                    "{:.0}",
+                    (p.cpu() - c0).as_secs_f64() * 1e6 / run.requests.max(1) as f64
+                ),
+                _ => String::new(),
+            };
+            let sim_us = (sim.cpu() - sim0).as_secs_f64() * 1e6 / run.requests.max(1) as f64;
+            if i == 0 {
+                direct = run.rps;
+            }
+            report.line(format!(
+                "| {round} | {name} | {:.0} | {} | {} | {} | {cpu} | {sim_us:.0} |",
+                run.rps,
+                if i == 0 {
+                    String::new()
+                } else {
+                    format!("{:.3}", run.rps / direct)
+                },
+                run.non_2xx,
+                run.socket_errors,
+            ));
+            rps[i].push(run.rps);
+        }
+    }
+    let _ = std::fs::remove_file(&script);
+    report.line("");
+    let medians: Vec<f64> = rps.into_iter().map(median).collect();
+    let mut summary = format!("Medians: direct {:.0} req/s", medians[0]);
+    for (i, (name, ..)) in targets.iter().enumerate().skip(1) {
+        let _ = write!(
+            summary,
+            "; {name} {:.0} req/s, share {:.3}",
+            medians[i],
+            medians[i] / medians[0]
+        );
+    }
+    report.line(format!("{summary}."));
+    report.line("");
+    let share = medians[1] / medians[0];
+    vec![
+        verdict(
+            share >= 0.40,
+            format!("W share at c64 measured with wrk {share:.3} ≥ 0.40 (median of {runs})"),
+        ),
+        verdict(
+            bad == 0,
+            format!("W wrk non-2xx + socket errors + failed runs {bad} (want 0)"),
         ),
     ]
 }
@@ -697,15 +1127,19 @@ fn main() {
     report.line("");
     report.line(format!("- date: {date}"));
     report.line(format!("- machine: {}", machine()));
+    let baseline = std::env::var("PD_PROXY_BASELINE")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map_or(String::new(), |p| format!("PD_PROXY_BASELINE={p} "));
     report.line(format!(
-        "- command: `cargo bench --bench load{}`",
+        "- command: `{baseline}cargo bench --bench load{}`",
         if quick { " -- --quick" } else { "" }
     ));
     report.line("- load generator, pd-sim and pd-proxy share the machine's cores; closed loop, one keep-alive connection per client, every answer checked to end in `data: [DONE]`");
     report.line("- each client's first request (it connects, all clients at once) is checked and counted in req/s but left out of the latency percentiles");
     report.line("- pd-sim and pd-proxy run with `RUST_LOG=warn`; pd-proxy's default `info` adds one log line per request (~10 µs of CPU per request at 64 clients)");
     report.line("");
-    // `--only a|b|memory` runs one part (and leaves RESULTS.md alone).
+    // `--only a|b|fleet|wrk|memory` runs one part (and leaves RESULTS.md alone).
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
     let checks = rt.block_on(async {
@@ -727,6 +1161,24 @@ fn main() {
                 }
             }
         }
+        if run("fleet") {
+            let clients = 64;
+            checks.extend(
+                scenario_f(
+                    &mut report,
+                    secs(4.0),
+                    secs(8.0).max(Duration::from_secs(2)),
+                    clients,
+                )
+                .await,
+            );
+        }
+        if run("wrk") {
+            // About 20 s in all: the share's spread between rounds is
+            // larger than what longer runs would gain.
+            let (secs, runs) = if quick { (1, 1) } else { (3, 3) };
+            checks.extend(scenario_w(&mut report, secs, runs).await);
+        }
         if run("memory") {
             let parked = if quick { 2_000 } else { 10_000 };
             memory_header(&mut report, parked);
@@ -745,6 +1197,10 @@ fn main() {
     let _ = writeln!(out);
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
     if !quick && only.is_none() {
+        let previous = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(at) = previous.find(KEPT_MARKER) {
+            out.push_str(&previous[at..]);
+        }
         std::fs::write(path, out).expect("writing benches/RESULTS.md");
         println!("\nwrote {path}");
     }

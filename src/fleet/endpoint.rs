@@ -153,10 +153,20 @@ impl Endpoint {
     }
 
     /// May take new requests: its checks pass and no passive ejection
-    /// runs at `now_ms`.
+    /// runs at `now_ms`. Back from an ejection, until a request succeeds,
+    /// it takes one request at a time (a half-open circuit breaker): with
+    /// none in flight it would otherwise win every least-loaded draw, and
+    /// a server still dead would draw a burst of requests, each to be
+    /// retried.
     pub fn eligible(&self, now_ms: u64) -> bool {
-        self.active_ok.load(Ordering::Relaxed)
-            && now_ms >= self.ejected_until.load(Ordering::Relaxed)
+        if !self.active_ok.load(Ordering::Relaxed) {
+            return false;
+        }
+        match self.ejected_until.load(Ordering::Relaxed) {
+            0 => true,
+            until if now_ms < until => false,
+            _ => self.in_flight.load(Ordering::Relaxed) == 0,
+        }
     }
 
     pub fn last_check_passed(&self) -> bool {
@@ -204,7 +214,8 @@ impl Endpoint {
     /// A request got an answer that was not the server's fault: the
     /// back-off starts over.
     pub fn passive_success(&self) {
-        if self.backoff_level.load(Ordering::Relaxed) != 0 {
+        if self.ejected_until.load(Ordering::Relaxed) != 0 {
+            self.ejected_until.store(0, Ordering::Relaxed);
             self.backoff_level.store(0, Ordering::Relaxed);
         }
     }
@@ -374,8 +385,17 @@ mod tests {
         let second = e.ejected_until.load(Ordering::Relaxed);
         let now = e.clock.now_ms();
         assert!(second - now > first - now + 500, "{first} {second} {now}");
+        // Back from the ejection: one request at a time until one
+        // succeeds.
+        e.ejected_until.store(1, Ordering::Relaxed);
+        assert!(e.healthy());
+        let probe = e.start();
+        assert!(!e.healthy(), "half-open: the probe is the only request");
+        drop(probe);
         e.passive_success();
         assert_eq!(e.backoff_level.load(Ordering::Relaxed), 0);
+        let _a = e.start();
+        assert!(e.healthy(), "closed again after a success");
     }
 
     #[test]
