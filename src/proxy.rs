@@ -308,6 +308,7 @@ async fn prefill(
             HeaderValue::from_static("JSON"),
         );
         let in_flight = prefiller.start();
+        let tried_at = Instant::now();
         let call = async {
             let response = app
                 .client
@@ -338,6 +339,7 @@ async fn prefill(
                     prefiller.passive_failure(&format!("answered {status}"));
                 } else {
                     prefiller.passive_success();
+                    prefiller.observe_latency(tried_at.elapsed());
                 }
                 if status != StatusCode::SERVICE_UNAVAILABLE || !retries_left {
                     break (prefiller, status, headers, answer);
@@ -451,7 +453,7 @@ async fn decode(
     let deadline = tokio::time::Instant::now() + app.config.upstream_timeout;
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     let mut last_error = None;
-    let (response, in_flight) = loop {
+    let (response, in_flight, tried_at) = loop {
         let decoder = pick(app, Role::Decoder, Leg::Decode, &tried, last_error.take())?;
         tried.push(Arc::clone(&decoder));
         let req = upstream::post_json(
@@ -461,8 +463,9 @@ async fn decode(
             Some((X_REQUEST_ID.as_str(), id_header(id))),
         );
         let in_flight = decoder.start();
+        let tried_at = Instant::now();
         match tokio::time::timeout_at(deadline, app.client.request(req)).await {
-            Ok(Ok(response)) => break (response, in_flight),
+            Ok(Ok(response)) => break (response, in_flight, tried_at),
             Err(_) => {
                 app.metrics.upstream_error(Leg::Decode);
                 return Err(ProxyError::UpstreamTimeout {
@@ -508,6 +511,7 @@ async fn decode(
         });
     }
     decoder.passive_success();
+    decoder.observe_latency(tried_at.elapsed());
     Ok(DecoderAnswer {
         response,
         started,

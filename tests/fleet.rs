@@ -812,3 +812,26 @@ async fn the_length_estimate_learns_the_engines_token_counts() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_prefiller_gets_less_than_a_fifth_even_from_one_client() {
+    // One client: every pick sees nothing in flight anywhere, so the
+    // in-flight counts tie and the recent latency decides.
+    let delay = |ms| SimConfig {
+        prefill_delay: Duration::from_millis(ms),
+        ..Default::default()
+    };
+    let (proxy, ps, _ds) = fleet(
+        vec![delay(10), delay(10), delay(50)],
+        vec![SimConfig::default()],
+        &[],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    for _ in 0..60 {
+        assert_eq!(proxy.chat(&chat_body(false)).await.status(), 200);
+    }
+    let counts: Vec<usize> = ps.iter().map(Server::prefills).collect();
+    eprintln!("one client: prefills per prefiller (fast, fast, slow) {counts:?}");
+    assert!(counts[2] < 12, "{counts:?}");
+}

@@ -125,7 +125,11 @@ impl RoleSet {
                     j += 1;
                 }
                 let (a, b) = (nth(i), nth(j));
-                if b.load(now) < a.load(now) {
+                // Fewer in flight wins; at equal load the faster lately
+                // (which matters most when clients are few and loads are
+                // mostly 0).
+                let (la, lb) = (a.load(now), b.load(now));
+                if lb < la || (lb == la && b.latency(now) < a.latency(now)) {
                     b
                 } else {
                     a
@@ -164,6 +168,19 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(set.pick(&[]).unwrap().endpoint.addr, eps[1].addr);
         }
+    }
+
+    #[test]
+    fn at_equal_load_the_faster_wins() {
+        let (set, eps) = set(Balance::LeastLoaded, 2);
+        eps[0].observe_latency(std::time::Duration::from_millis(100));
+        eps[1].observe_latency(std::time::Duration::from_millis(20));
+        for _ in 0..50 {
+            assert_eq!(set.pick(&[]).unwrap().endpoint.addr, eps[1].addr);
+        }
+        // One more in flight outweighs any latency.
+        let _busy = eps[1].start();
+        assert_eq!(set.pick(&[]).unwrap().endpoint.addr, eps[0].addr);
     }
 
     #[test]

@@ -44,6 +44,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(32);
 /// server's queue has moved on since.
 const ORCA_FRESH_MS: u64 = 5_000;
 
+/// The latency average forgets at this pace: an endpoint that has not
+/// answered for a while (it lost every draw) looks faster and faster, so
+/// it is tried again and measured afresh.
+const LATENCY_DECAY_MS: f64 = 10_000.0;
+/// Each answer moves the latency average this fraction of the way.
+const LATENCY_WEIGHT: f64 = 0.2;
+
 /// Milliseconds on the fleet's own clock, so that deadlines fit in an
 /// atomic.
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +117,11 @@ pub struct Endpoint {
     /// answer, and when it came ([`Clock`] ms; 0: never).
     orca_waiting: AtomicU32,
     orca_at: AtomicU64,
+    /// Moving average of the answers' latency (µs), and when it was last
+    /// updated ([`Clock`] ms): breaks ties between equally loaded
+    /// endpoints.
+    latency_us: AtomicU64,
+    latency_at: AtomicU64,
 }
 
 impl fmt::Debug for Endpoint {
@@ -149,6 +161,8 @@ impl Endpoint {
             ejections: AtomicU64::new(0),
             orca_waiting: AtomicU32::new(0),
             orca_at: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
+            latency_at: AtomicU64::new(0),
         })
     }
 
@@ -187,6 +201,31 @@ impl Endpoint {
         } else {
             mine
         }
+    }
+
+    /// Folds one answer's latency (the prefill's whole answer, the
+    /// decoder's first bytes) into the moving average.
+    pub fn observe_latency(&self, latency: Duration) {
+        let now = self.clock.now_ms();
+        let sample = latency.as_micros().min(u128::from(u32::MAX)) as f64;
+        let old = self.latency(now);
+        let new = if self.latency_at.load(Ordering::Relaxed) == 0 {
+            sample
+        } else {
+            old + (sample - old) * LATENCY_WEIGHT
+        };
+        self.latency_us.store(new as u64, Ordering::Relaxed);
+        self.latency_at.store(now, Ordering::Relaxed);
+    }
+
+    /// The latency average at `now_ms`, decayed since its last update.
+    pub fn latency(&self, now_ms: u64) -> f64 {
+        let at = self.latency_at.load(Ordering::Relaxed);
+        if at == 0 {
+            return 0.0;
+        }
+        let idle = now_ms.saturating_sub(at) as f64;
+        self.latency_us.load(Ordering::Relaxed) as f64 * (-idle / LATENCY_DECAY_MS).exp()
     }
 
     pub fn in_flight(&self) -> u32 {
