@@ -3,6 +3,7 @@
 //! each other.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::fleet::{Fleet, Resolve, SystemResolver};
@@ -39,5 +40,42 @@ impl App {
             metrics,
             config,
         })
+    }
+}
+
+/// Tries to calibrate the prompt-length estimate this many times, this far
+/// apart, before leaving it to the prefill answers alone (a prefiller that
+/// is not vLLM may have no `/tokenize`).
+const CALIBRATION_TRIES: u32 = 5;
+const CALIBRATION_RETRY: Duration = Duration::from_secs(10);
+
+impl App {
+    /// Calibrates `tokens` from the first healthy prefiller, for
+    /// `--direct-below-tokens`; returns when done or given up.
+    pub async fn calibrate_tokens(self: Arc<Self>) {
+        for attempt in 1..=CALIBRATION_TRIES {
+            let endpoint = loop {
+                match self.fleet.prefillers.pick(&[]) {
+                    Some(pick) if !pick.panic => break pick.endpoint,
+                    _ => tokio::time::sleep(self.config.health_interval).await,
+                }
+            };
+            let auth = self.config.upstream_auth.as_ref();
+            let limit = self.config.health_timeout.max(Duration::from_secs(5));
+            match self
+                .tokens
+                .calibrate(&self.client, &endpoint, auth, limit)
+                .await
+            {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(
+                    endpoint = %endpoint.authority,
+                    attempt,
+                    error = %e,
+                    "could not calibrate the prompt-length estimate; it learns from prefill answers meanwhile"
+                ),
+            }
+            tokio::time::sleep(CALIBRATION_RETRY).await;
+        }
     }
 }

@@ -158,6 +158,8 @@ pub async fn serve(
         .collect();
     app.fleet.set_own_addrs(&own);
     let fleet = tokio::spawn(Arc::clone(&app.fleet).run());
+    let calibration = (app.config.direct_below_tokens > 0)
+        .then(|| tokio::spawn(Arc::clone(&app).calibrate_tokens()));
     let upkeep = {
         let metrics = Arc::clone(&app.metrics);
         tokio::spawn(async move {
@@ -196,6 +198,9 @@ pub async fn serve(
     };
     upkeep.abort();
     fleet.abort();
+    if let Some(calibration) = calibration {
+        calibration.abort();
+    }
     result
 }
 

@@ -4,18 +4,29 @@
 //! No tokenizer runs in the proxy: counting exactly would need the model's
 //! `tokenizer.json` and its Jinja chat template, and the per-request cost
 //! of both on the async workers. Instead the guess is the prompt's text
-//! length over a bytes-per-token ratio, plus the chat template's markers,
-//! and the ratio is learned from the engines themselves: every prefill
-//! answer reports `usage.prompt_tokens`, the exact count (template
-//! included) for a prompt whose length the proxy knows. The ratio starts
-//! at 4 bytes per token, the usual figure for English under large
-//! vocabularies, and converges to the deployment's own tokenizer within a
-//! few dozen prefills (the CPU stack's tiny vocabulary packs 1.4).
+//! length over a bytes-per-token ratio, plus the chat template's tokens
+//! per message and for the generation prompt, all three taken from the
+//! engines themselves:
+//! - at start, from the first healthy prefiller's `/tokenize` (vLLM's
+//!   tokenizer and chat template) on a paragraph of English;
+//! - then from every prefill answer's `usage.prompt_tokens`, the exact
+//!   count for a prompt whose length the proxy knows, which keeps the
+//!   ratio on the deployment's real traffic.
+//!
+//! Until then the ratio is 4 bytes per token, the usual figure for English
+//! under large vocabularies (the CPU stack's tiny one packs 1.4).
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body_util::BodyExt;
 use metrics::Gauge;
 use serde::Deserialize;
+
+use crate::fleet::Endpoint;
+use crate::upstream::{self, HttpClient};
 
 /// What the estimate needs of a prompt, measured while the body is parsed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,10 +44,25 @@ pub struct PromptSize {
 }
 
 /// Tokens a chat template adds per message (role markers, separators)
-/// and once for the generation prompt: Qwen's `<|im_start|>role\n`,
-/// `<|im_end|>\n` and `<|im_start|>assistant\n`.
-pub const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 5;
-pub const TEMPLATE_TOKENS_FIXED: u64 = 3;
+/// and once for the generation prompt, until calibrated: Qwen's
+/// `<|im_start|>role\n`, `<|im_end|>\n` and `<|im_start|>assistant\n`.
+pub const TEMPLATE_TOKENS_PER_MESSAGE: u32 = 5;
+pub const TEMPLATE_TOKENS_FIXED: u32 = 3;
+/// A template claiming more than this per message or in all is not
+/// believed.
+const MAX_TEMPLATE_TOKENS: u64 = 64;
+
+/// The calibration text: ordinary English prose, about 1 KB.
+pub const CALIBRATION_TEXT: &str = "The history of the printing press is, in many ways, the history of how ideas travel. \
+Before movable type, a book was copied by hand, and a single copy could take a scribe many months of careful work. \
+When Gutenberg combined metal type, oil-based ink and a screw press in the middle of the fifteenth century, the cost of a page fell sharply, \
+and within fifty years presses were running in more than two hundred cities across Europe. \
+Pamphlets, calendars, grammar books and maps reached readers who had never owned a book before. \
+Scholars could compare identical copies of a text, so errors were found and corrected instead of being copied again. \
+Merchants printed price lists and shipping schedules, and governments printed laws so that everyone could read the same words. \
+Not everyone welcomed the change: some worried that cheap books would spread rumours as quickly as knowledge. \
+Yet the habit of reading grew steadily, schools multiplied, and by the seventeenth century weekly newspapers were sold in the streets of London and Amsterdam. \
+Today we face a similar question with new tools: how do we keep what is useful, and learn to doubt what is not?";
 
 /// The ratio before anything was learned, in thousandths of a byte.
 const INITIAL_MILLI_BYTES: u32 = 4_000;
@@ -51,6 +77,8 @@ const LEARN_SHIFT: u32 = 4; // 1/16
 
 pub struct TokenEstimate {
     milli_bytes_per_token: AtomicU32,
+    per_message: AtomicU32,
+    fixed: AtomicU32,
     /// `pd_proxy_prompt_bytes_per_token`, the ratio now in use.
     gauge: Gauge,
 }
@@ -60,6 +88,8 @@ impl TokenEstimate {
         gauge.set(f64::from(INITIAL_MILLI_BYTES) / 1000.0);
         TokenEstimate {
             milli_bytes_per_token: AtomicU32::new(INITIAL_MILLI_BYTES),
+            per_message: AtomicU32::new(TEMPLATE_TOKENS_PER_MESSAGE),
+            fixed: AtomicU32::new(TEMPLATE_TOKENS_FIXED),
             gauge,
         }
     }
@@ -71,7 +101,7 @@ impl TokenEstimate {
     pub fn tokens(&self, size: &PromptSize) -> u64 {
         let milli = u64::from(self.milli_bytes_per_token.load(Ordering::Relaxed));
         let text = size.text_bytes.saturating_mul(1000).div_ceil(milli);
-        (text + template_tokens(size)).max(size.token_ids)
+        (text + self.template_tokens(size)).max(size.token_ids)
     }
 
     /// Folds in the engine's exact count for a prompt of `size`.
@@ -79,7 +109,7 @@ impl TokenEstimate {
         if !size.single_text || size.token_ids > 0 {
             return;
         }
-        let text_tokens = prompt_tokens.saturating_sub(template_tokens(size));
+        let text_tokens = prompt_tokens.saturating_sub(self.template_tokens(size));
         if text_tokens < MIN_LEARN_TOKENS {
             return;
         }
@@ -90,16 +120,101 @@ impl TokenEstimate {
         let old = i64::from(self.milli_bytes_per_token.load(Ordering::Relaxed));
         let new = old + ((sample - old) >> LEARN_SHIFT);
         let new = new.clamp(MIN_MILLI_BYTES as i64, MAX_MILLI_BYTES as i64) as u32;
-        self.milli_bytes_per_token.store(new, Ordering::Relaxed);
-        self.gauge.set(f64::from(new) / 1000.0);
+        self.set_ratio(new);
     }
-}
 
-fn template_tokens(size: &PromptSize) -> u64 {
-    if size.messages == 0 {
-        0
-    } else {
-        TEMPLATE_TOKENS_FIXED + TEMPLATE_TOKENS_PER_MESSAGE * size.messages
+    fn set_ratio(&self, milli: u32) {
+        self.milli_bytes_per_token.store(milli, Ordering::Relaxed);
+        self.gauge.set(f64::from(milli) / 1000.0);
+    }
+
+    fn template_tokens(&self, size: &PromptSize) -> u64 {
+        if size.messages == 0 {
+            return 0;
+        }
+        let per_message = u64::from(self.per_message.load(Ordering::Relaxed));
+        u64::from(self.fixed.load(Ordering::Relaxed)) + per_message * size.messages
+    }
+
+    /// Sets the ratio and the template from three counts of
+    /// [`CALIBRATION_TEXT`]: alone, as one user message, and as a user and
+    /// an assistant message (both with the generation prompt).
+    pub fn set_calibration(&self, text: u64, one: u64, two: u64) -> Result<(), String> {
+        if text < MIN_LEARN_TOKENS {
+            return Err(format!(
+                "{text} tokens for {} bytes of text",
+                CALIBRATION_TEXT.len()
+            ));
+        }
+        let per_message = two.saturating_sub(one).saturating_sub(text);
+        let fixed = one.saturating_sub(text).saturating_sub(per_message);
+        if per_message > MAX_TEMPLATE_TOKENS || fixed > MAX_TEMPLATE_TOKENS {
+            return Err(format!(
+                "a chat template of {per_message} tokens per message and {fixed} more"
+            ));
+        }
+        let milli = (CALIBRATION_TEXT.len() as u64 * 1000 / text)
+            .clamp(MIN_MILLI_BYTES, MAX_MILLI_BYTES) as u32;
+        self.per_message
+            .store(per_message as u32, Ordering::Relaxed);
+        self.fixed.store(fixed as u32, Ordering::Relaxed);
+        self.set_ratio(milli);
+        tracing::info!(
+            bytes_per_token = f64::from(milli) / 1000.0,
+            template_per_message = per_message,
+            template_fixed = fixed,
+            "prompt-length estimate calibrated from a prefiller's /tokenize"
+        );
+        Ok(())
+    }
+
+    /// Asks `endpoint`'s `/tokenize` for the three counts of
+    /// [`set_calibration`](Self::set_calibration), each bounded by `limit`.
+    pub async fn calibrate(
+        &self,
+        client: &HttpClient,
+        endpoint: &Endpoint,
+        auth: Option<&HeaderValue>,
+        limit: Duration,
+    ) -> Result<(), String> {
+        let message = |role| serde_json::json!({"role": role, "content": CALIBRATION_TEXT});
+        let bodies = [
+            serde_json::json!({"prompt": CALIBRATION_TEXT, "add_special_tokens": false}),
+            serde_json::json!({"messages": [message("user")], "add_generation_prompt": true}),
+            serde_json::json!({"messages": [message("user"), message("assistant")], "add_generation_prompt": true}),
+        ];
+        let mut counts = [0u64; 3];
+        for (count, body) in counts.iter_mut().zip(bodies) {
+            let req = upstream::post_json(
+                &endpoint.tokenize_uri,
+                Bytes::from(body.to_string()),
+                auth,
+                None,
+            );
+            let call = async {
+                let response = client.request(req).await.map_err(|e| e.to_string())?;
+                let status = response.status();
+                let body = http_body_util::Limited::new(response.into_body(), 1 << 20)
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                if !status.is_success() {
+                    return Err(format!("/tokenize answered {status}"));
+                }
+                #[derive(Deserialize)]
+                struct Count {
+                    count: u64,
+                }
+                serde_json::from_slice::<Count>(&body)
+                    .map(|c| c.count)
+                    .map_err(|e| format!("/tokenize answered {e}"))
+            };
+            *count = tokio::time::timeout(limit, call)
+                .await
+                .map_err(|_| format!("/tokenize gave no answer in {limit:?}"))??;
+        }
+        self.set_calibration(counts[0], counts[1], counts[2])
     }
 }
 
@@ -182,6 +297,29 @@ mod tests {
         assert!(
             e.bytes_per_token() <= before,
             "only the last sample counted, and it is clamped"
+        );
+    }
+
+    #[test]
+    fn calibration_sets_ratio_and_template() {
+        let e = TokenEstimate::new(Gauge::noop());
+        let bytes = CALIBRATION_TEXT.len() as u64;
+        // The CPU stack's shape: 1.4 bytes per token, 8 per message, 8 more.
+        let text = bytes * 10 / 14;
+        e.set_calibration(text, text + 16, 2 * text + 24).unwrap();
+        assert!((e.bytes_per_token() - 1.4).abs() < 0.01);
+        let estimate = e.tokens(&chat(bytes, 1)) as i64;
+        assert!(
+            (estimate - (text + 16) as i64).abs() <= 1,
+            "{estimate} for {text} + 16"
+        );
+        assert!(
+            e.set_calibration(3, 10, 20).is_err(),
+            "too few tokens to tell"
+        );
+        assert!(
+            e.set_calibration(200, 500, 900).is_err(),
+            "an absurd template"
         );
     }
 

@@ -778,6 +778,38 @@ async fn prefillers_and_decoders_rotate_independently() {
     );
 }
 
+/// The ratio the calibration text gives under pd-sim's counting (a word
+/// is a token), as the proxy computes it.
+fn sim_calibrated_ratio() -> f64 {
+    let text = pd_proxy::tokens::CALIBRATION_TEXT;
+    let words = text.split_whitespace().count();
+    (text.len() * 1000 / words) as f64 / 1000.0
+}
+
+async fn wait_calibrated(s: &Stack) {
+    let want = sim_calibrated_ratio();
+    wait_until("the estimate is calibrated", || async {
+        s.metric("pd_proxy_prompt_bytes_per_token").await == want
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_length_estimate_is_calibrated_from_a_prefillers_tokenize() {
+    let s = start(SimConfig::default(), &["--direct-below-tokens", "100"]).await;
+    wait_calibrated(&s).await;
+    // 90 words, 540 bytes: 135 tokens at the starting 4 bytes a token, 90
+    // at the calibrated ratio; no prefill has taught anything yet.
+    let mut body = chat_body(false);
+    body["messages"] = json!([{"role": "user", "content": "cache ".repeat(90)}]);
+    assert_eq!(s.post("/v1/chat/completions", body).await.status(), 200);
+    assert!(s.prefiller.prefill_requests().is_empty());
+    assert_eq!(
+        s.metric("pd_proxy_routes_total{route=\"direct\"}").await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn the_length_estimate_learns_the_engines_token_counts() {
     // pd-sim counts a word as a token: "tokenization " is 13 bytes a
@@ -788,8 +820,9 @@ async fn the_length_estimate_learns_the_engines_token_counts() {
         body["messages"] = json!([{"role": "user", "content": "tokenization ".repeat(words)}]);
         body
     };
-    assert_eq!(s.metric("pd_proxy_prompt_bytes_per_token").await, 4.0);
-    // 60 words, 780 bytes: ~200 tokens at 4 bytes each, so disaggregated.
+    wait_calibrated(&s).await;
+    // 60 words, 780 bytes: ~130 tokens at the calibrated ~6 bytes each,
+    // so disaggregated.
     assert_eq!(s.post("/v1/chat/completions", chat(60)).await.status(), 200);
     assert_eq!(s.prefiller.prefill_requests().len(), 1);
     for _ in 0..64 {

@@ -95,6 +95,7 @@ pub struct Endpoint {
     pub completions_uri: Uri,
     pub models_uri: Uri,
     pub health_uri: Uri,
+    pub tokenize_uri: Uri,
     clock: Clock,
     /// The active checks' verdict: passed its way in and not failed its
     /// way out.
@@ -148,6 +149,7 @@ impl Endpoint {
             completions_uri: uri("/v1/completions"),
             models_uri: uri("/v1/models"),
             health_uri: uri("/health"),
+            tokenize_uri: uri("/tokenize"),
             authority,
             clock,
             active_ok: AtomicBool::new(false),

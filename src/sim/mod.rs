@@ -272,6 +272,7 @@ impl Sim {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
             .route("/v1/models", get(models))
+            .route("/tokenize", post(tokenize))
             .route("/health", get(health))
             .route("/metrics", get(metrics))
             .fallback(not_found)
@@ -590,6 +591,20 @@ async fn completions(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) ->
 async fn models(State(ctx): State<Ctx>) -> Response {
     let body = render::models(&ctx.sim.config.model, request::unix_now());
     ([(CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// vLLM's `/tokenize`: `{"count": n, ...}` with pd-sim's counting (a
+/// word is a token, chat templates add nothing), the same as its `usage`.
+async fn tokenize(body: Bytes) -> Response {
+    match request::tokenize_count(&body) {
+        Some(count) => (
+            [(CONTENT_TYPE, "application/json")],
+            format!(r#"{{"count":{count},"max_model_len":32768,"tokens":[]}}"#),
+        )
+            .into_response(),
+        None => ApiError::bad_request("prompt", "expected a prompt or messages".to_owned())
+            .into_response(),
+    }
 }
 
 async fn health() -> StatusCode {

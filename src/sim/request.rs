@@ -372,6 +372,21 @@ fn opt_int(obj: &Map<String, Value>, key: &str) -> Result<Option<i64>, ApiError>
 
 /// A word count stands in for a tokenizer: deterministic, proportional to
 /// the prompt, and never zero (a chat template always adds tokens).
+/// The count `/tokenize` answers for a completions-style `prompt` or a
+/// chat-style `messages` body.
+pub(crate) fn tokenize_count(body: &[u8]) -> Option<u32> {
+    let Value::Object(obj) = serde_json::from_slice::<Value>(body).ok()? else {
+        return None;
+    };
+    if obj.contains_key("messages") {
+        return chat_prompt_tokens(&obj).ok();
+    }
+    match obj.get("prompt")? {
+        Value::String(text) => Some(words(text)),
+        _ => None,
+    }
+}
+
 fn words(text: &str) -> u32 {
     text.split_whitespace().count().max(1) as u32
 }
