@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use http::HeaderValue;
+use ipnet::IpNet;
 
 /// What to do when the prefiller's KV never reports as stored in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -159,6 +160,16 @@ pub struct Args {
         value_name = "TOKENS"
     )]
     pub direct_below_tokens: u32,
+    /// Prefillers a request may name in `x-prefiller-host-port` (llm-d's
+    /// gateway header) besides those of `--prefiller-host`: IP networks,
+    /// comma separated (`10.0.0.0/8,fd00::/8`; a bare address is itself).
+    #[arg(
+        long,
+        env = "PD_PROXY_ALLOWED_PREFILLERS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub allowed_prefillers: Vec<String>,
 }
 
 /// One `--*-host` entry with its port, as configured: an IP address is one
@@ -234,6 +245,7 @@ pub struct Config {
     pub balance: Balance,
     pub prefill_retries: u32,
     pub direct_below_tokens: u32,
+    pub allowed_prefillers: Vec<IpNet>,
 }
 
 /// Where to listen; kept apart from [`Config`] because tests bind their own
@@ -293,6 +305,22 @@ impl Args {
         let discovery_interval = seconds("--discovery-interval", self.discovery_interval)?;
         let health_interval = seconds("--health-interval", self.health_interval)?;
         let health_timeout = seconds("--health-timeout", self.health_timeout)?;
+        let allowed_prefillers = self
+            .allowed_prefillers
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        format!(
+                            "--allowed-prefillers: {s:?} is not an IP network (CIDR) or address"
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok((
             Config {
                 prefillers,
@@ -307,6 +335,7 @@ impl Args {
                 balance: self.balance,
                 prefill_retries: self.prefill_retries,
                 direct_below_tokens: self.direct_below_tokens,
+                allowed_prefillers,
             },
             ListenAddrs {
                 host: self.host,
@@ -456,6 +485,16 @@ mod tests {
         assert!(err.contains("--health-interval"), "{err}");
         let err = parse(&["--balance", "random"]).unwrap_err();
         assert!(err.contains("random"), "{err}");
+        let err = parse(&["--allowed-prefillers", "10.0.0.0/8,banana"]).unwrap_err();
+        assert!(err.contains("banana"), "{err}");
+        let (c, _) = parse(&["--allowed-prefillers", "10.1.2.3/8, fd00::1"]).unwrap();
+        assert_eq!(
+            c.allowed_prefillers,
+            [
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "fd00::1/128".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

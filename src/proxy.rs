@@ -63,14 +63,18 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
     // for seconds must not pin that buffer, so only a copy of the one
     // header used later is kept.
     let auth = upstream_auth(&app, &headers);
+    let named = named_prefillers(&headers);
     drop(headers);
     let id = RequestId::random();
     let span = tracing::info_span!("request", %id, api = api.as_str());
     let mut log = RequestLog::new(Arc::clone(&app), api, span.clone());
-    let mut response = match run(&app, api, id, auth.as_ref(), body, &mut log)
-        .instrument(span)
-        .await
-    {
+    let ask = Ask {
+        api,
+        id,
+        auth: auth.as_ref(),
+        prefillers: None,
+    };
+    let mut response = match run(&app, ask, named, body, &mut log).instrument(span).await {
         Ok(response) => response,
         Err(err) => {
             log.status = Some(err.status().as_u16());
@@ -108,18 +112,49 @@ fn refuse_loop(app: &App, headers: &HeaderMap) -> Option<Response> {
     Some(ProxyError::LoopDetected.into_response())
 }
 
+/// What every upstream call of one request carries.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    api: Api,
+    /// Goes upstream as `X-Request-Id`.
+    id: RequestId,
+    auth: Option<&'a HeaderValue>,
+    /// The prefillers the request's gateway named, if it did.
+    prefillers: Option<&'a [Arc<Endpoint>]>,
+}
+
+/// llm-d's header: the gateway's choice of prefiller(s) for this request.
+static PREFILLER_HEADER: HeaderName = HeaderName::from_static("x-prefiller-host-port");
+
+/// The `x-prefiller-host-port` values, joined as one comma list; an
+/// unreadable value is kept as is, to be refused with the rest.
+fn named_prefillers(headers: &HeaderMap) -> Option<String> {
+    let mut values = headers.get_all(&PREFILLER_HEADER).iter().peekable();
+    values.peek()?;
+    let joined: Vec<String> = values
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    Some(joined.join(","))
+}
+
 fn id_header(id: RequestId) -> HeaderValue {
     HeaderValue::try_from(id.to_string()).expect("hex is a valid header value")
 }
 
 async fn run(
     app: &Arc<App>,
-    api: Api,
-    id: RequestId,
-    auth: Option<&HeaderValue>,
+    mut ask: Ask<'_>,
+    named: Option<String>,
     body: Body,
     log: &mut RequestLog,
 ) -> Result<Response, ProxyError> {
+    // A gateway's choice is checked before anything is read or sent.
+    let named = named
+        .map(|value| app.fleet.header_prefillers(&value))
+        .transpose()
+        .map_err(|message| ProxyError::bad_request(message, Some("x-prefiller-host-port")))?;
+    ask.prefillers = named.as_deref();
+    let api = ask.api;
     let raw = read_body(body).await?;
     // Only the rewritten copy and the prompt count outlive parsing: the
     // parsed body would otherwise sit in memory for the whole KV wait.
@@ -138,20 +173,18 @@ async fn run(
     log.route = route;
     app.metrics.route(route);
     if let Some(prefill_body) = prefill_body {
-        let (guard, kv_ready) = app.pending.park(id, prompts);
+        let (guard, kv_ready) = app.pending.park(ask.id, prompts);
         // The steps around the KV wait are boxed. Inline, their futures
         // (hyper's client calls: 2.2 KB for the prefill, 1.1 KB for the
         // decode, 1 KB for the relay) would size the whole request future,
         // and a parked request would hold 6.1 KB through the wait instead
         // of 1 KB.
-        if let Some(refusal) =
-            Box::pin(prefill(app, api, prefill_body, size, id, auth, log)).await?
-        {
+        if let Some(refusal) = Box::pin(prefill(app, ask, prefill_body, size, log)).await? {
             return Ok(refusal);
         }
         await_kv(app, guard, kv_ready, log).await?;
     }
-    let answer = Box::pin(decode(app, api, raw, auth, id)).await?;
+    let answer = Box::pin(decode(app, ask, raw)).await?;
     Box::pin(relay(app, answer, log)).await
 }
 
@@ -238,10 +271,16 @@ fn pick(
     app: &App,
     role: Role,
     leg: Leg,
+    named: Option<&[Arc<Endpoint>]>,
     tried: &[Arc<Endpoint>],
     last_error: Option<ProxyError>,
 ) -> Result<Arc<Endpoint>, ProxyError> {
-    let Some(pick) = app.fleet.role(role).pick(tried) else {
+    let set = app.fleet.role(role);
+    let picked = match named {
+        Some(named) => set.pick_from(named, tried),
+        None => set.pick(tried),
+    };
+    let Some(pick) = picked else {
         if let Some(err) = last_error {
             return Err(err);
         }
@@ -276,11 +315,9 @@ fn pick(
 /// may still be computing.
 async fn prefill(
     app: &App,
-    api: Api,
+    ask: Ask<'_>,
     body: Bytes,
     size: PromptSize,
-    id: RequestId,
-    auth: Option<&HeaderValue>,
     log: &mut RequestLog,
 ) -> Result<Option<Response>, ProxyError> {
     let started = Instant::now();
@@ -292,16 +329,17 @@ async fn prefill(
             app,
             Role::Prefiller,
             Leg::Prefill,
+            ask.prefillers,
             &tried,
             last_error.take(),
         )?;
         tried.push(Arc::clone(&prefiller));
         let retries_left = tried.len() <= app.config.prefill_retries as usize;
         let mut req = upstream::post_json(
-            uri(&prefiller, api),
+            uri(&prefiller, ask.api),
             body.clone(),
-            auth,
-            Some((X_REQUEST_ID.as_str(), id_header(id))),
+            ask.auth,
+            Some((X_REQUEST_ID.as_str(), id_header(ask.id))),
         );
         req.headers_mut().insert(
             upstream::LOAD_FORMAT_HEADER.clone(),
@@ -442,25 +480,26 @@ const DECODE_CONNECT_RETRIES: usize = 2;
 /// headers. A 5xx there is the decoder's failure, not the client's. The
 /// decoder gets the same `X-Request-Id` as the prefiller, so one id names
 /// the request in the proxy's, both engines' logs and the response's `id`.
-async fn decode(
-    app: &App,
-    api: Api,
-    raw: Bytes,
-    auth: Option<&HeaderValue>,
-    id: RequestId,
-) -> Result<DecoderAnswer, ProxyError> {
+async fn decode(app: &App, ask: Ask<'_>, raw: Bytes) -> Result<DecoderAnswer, ProxyError> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + app.config.upstream_timeout;
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     let mut last_error = None;
     let (response, in_flight, tried_at) = loop {
-        let decoder = pick(app, Role::Decoder, Leg::Decode, &tried, last_error.take())?;
+        let decoder = pick(
+            app,
+            Role::Decoder,
+            Leg::Decode,
+            None,
+            &tried,
+            last_error.take(),
+        )?;
         tried.push(Arc::clone(&decoder));
         let req = upstream::post_json(
-            uri(&decoder, api),
+            uri(&decoder, ask.api),
             raw.clone(),
-            auth,
-            Some((X_REQUEST_ID.as_str(), id_header(id))),
+            ask.auth,
+            Some((X_REQUEST_ID.as_str(), id_header(ask.id))),
         );
         let in_flight = decoder.start();
         let tried_at = Instant::now();

@@ -868,3 +868,129 @@ async fn a_slow_prefiller_gets_less_than_a_fifth_even_from_one_client() {
     eprintln!("one client: prefills per prefiller (fast, fast, slow) {counts:?}");
     assert!(counts[2] < 12, "{counts:?}");
 }
+
+/// Posts a chat request naming prefillers in llm-d's header.
+async fn chat_naming(proxy: &Proxy, named: &str) -> reqwest::Response {
+    proxy
+        .client
+        .post(format!("{}/v1/chat/completions", proxy.url))
+        .header("x-prefiller-host-port", named)
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_header_picks_the_prefiller() {
+    let public = bind().await;
+    let telemetry = bind().await;
+    let telemetry_url = format!(
+        "http://{}/api/v1/telemetry",
+        telemetry.local_addr().unwrap()
+    );
+    let prefiller = || SimConfig {
+        telemetry_url: Some(telemetry_url.clone()),
+        ..Default::default()
+    };
+    let p0 = Server::start(prefiller(), "127.0.0.1:0", true).await;
+    let mut p1 = Server::start(prefiller(), "127.0.0.1:0", true).await;
+    // Outside the fleet, inside the allow-list.
+    let outside = Server::start(prefiller(), "127.0.0.2:0", true).await;
+    let d = Server::start(SimConfig::default(), "127.0.0.1:0", false).await;
+    let flags = [
+        "--prefiller-host",
+        "127.0.0.1",
+        "--prefiller-port",
+        &format!("{},{}", p0.addr.port(), p1.addr.port()),
+        "--decoder-host",
+        "127.0.0.1",
+        "--decoder-port",
+        &d.addr.port().to_string(),
+        "--allowed-prefillers",
+        "127.0.0.2/32",
+    ]
+    .map(String::from)
+    .to_vec();
+    let proxy = Proxy::start(flags, Arc::default(), public, telemetry).await;
+    wait_ready(&proxy).await;
+
+    for _ in 0..3 {
+        assert_eq!(
+            chat_naming(&proxy, &p1.addr.to_string()).await.status(),
+            200
+        );
+    }
+    assert_eq!(
+        (p0.prefills(), p1.prefills()),
+        (0, 3),
+        "the named prefiller, every time"
+    );
+    let sent = &p1.sim.prefill_requests()[0].headers;
+    assert!(
+        sent.get("x-prefiller-host-port").is_none(),
+        "the header stays here"
+    );
+
+    assert_eq!(
+        chat_naming(&proxy, &outside.addr.to_string())
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        outside.prefills(),
+        1,
+        "an allowed address outside the fleet"
+    );
+
+    // A list: the less loaded; a dead one in it is skipped.
+    p1.kill().await;
+    let list = format!("{}, {}", p1.addr, p0.addr);
+    for _ in 0..3 {
+        assert_eq!(chat_naming(&proxy, &list).await.status(), 200);
+    }
+    assert_eq!(p0.prefills(), 3);
+    assert!(proxy.app.pending.is_empty());
+}
+
+#[tokio::test]
+async fn a_prefiller_header_outside_the_fleet_and_allow_list_is_a_400() {
+    let s = start(
+        SimConfig::default(),
+        &["--allowed-prefillers", "10.0.0.0/8"],
+    )
+    .await;
+    let own = s.url.trim_start_matches("http://").to_owned();
+    let many = vec!["10.0.0.1:8100"; 17].join(",");
+    for bad in [
+        "127.0.0.9:8100",
+        "192.168.1.1:8100",
+        "prefill.pods:8100",
+        "10.0.0.1",
+        "10.0.0.1:0",
+        "[::1]",
+        "",
+        " , ",
+        many.as_str(),
+        own.as_str(),
+    ] {
+        let resp = s
+            .client
+            .post(format!("{}/v1/chat/completions", s.url))
+            .header("x-prefiller-host-port", bad)
+            .json(&chat_body(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{bad:?}");
+        let body: Value = resp.json().await.unwrap();
+        assert_openai_error(&body, 400);
+        assert_eq!(body["error"]["param"], "x-prefiller-host-port", "{bad:?}");
+    }
+    assert!(
+        s.prefiller.prefill_requests().is_empty(),
+        "nothing was sent"
+    );
+    assert!(s.decoder.decode_requests().is_empty());
+}

@@ -71,14 +71,19 @@ impl RoleSet {
     /// from the dead, not yet restored); else among all. `None` when
     /// nothing is left.
     pub fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<Pick> {
-        let all = self.snapshot();
+        self.pick_from(&self.snapshot(), tried)
+    }
+
+    /// [`pick`](Self::pick) among `all` instead of the role's set: the
+    /// prefillers a request's gateway named.
+    pub fn pick_from(&self, all: &[Arc<Endpoint>], tried: &[Arc<Endpoint>]) -> Option<Pick> {
         let now = self.clock.now_ms();
         let untried = |e: &&Arc<Endpoint>| !tried.iter().any(|t| Arc::ptr_eq(t, e));
         let healthy = |e: &&Arc<Endpoint>| untried(e) && e.eligible(now);
         let n = all.iter().filter(healthy).count();
         if n > 0 {
             return Some(Pick {
-                endpoint: self.choose(&all, healthy, n, now),
+                endpoint: self.choose(all, healthy, n, now),
                 panic: false,
             });
         }
@@ -86,13 +91,13 @@ impl RoleSet {
         let n = all.iter().filter(answering).count();
         if n > 0 {
             return Some(Pick {
-                endpoint: self.choose(&all, answering, n, now),
+                endpoint: self.choose(all, answering, n, now),
                 panic: true,
             });
         }
         let n = all.iter().filter(untried).count();
         (n > 0).then(|| Pick {
-            endpoint: self.choose(&all, untried, n, now),
+            endpoint: self.choose(all, untried, n, now),
             panic: true,
         })
     }

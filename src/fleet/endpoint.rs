@@ -135,6 +135,16 @@ impl fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
+    /// An endpoint a gateway named for a request (`x-prefiller-host-port`)
+    /// rather than one of the fleet: the proxy does not health-check it,
+    /// so it starts in rotation on the gateway's word; passive ejection
+    /// still applies.
+    pub fn vouched(role: Role, addr: SocketAddr, clock: Clock) -> Arc<Self> {
+        let endpoint = Endpoint::new(role, addr, clock);
+        endpoint.active_ok.store(true, Ordering::Relaxed);
+        endpoint
+    }
+
     pub fn new(role: Role, addr: SocketAddr, clock: Clock) -> Arc<Self> {
         let authority = addr.to_string();
         let uri = |path: &str| {

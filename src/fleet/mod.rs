@@ -16,6 +16,7 @@ mod balance;
 mod discovery;
 mod endpoint;
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use ipnet::IpNet;
 use tokio::time::{timeout, MissedTickBehavior};
 
 pub use balance::{Pick, RoleSet};
@@ -35,6 +37,13 @@ use crate::upstream::{self, HttpClient};
 /// A DNS answer larger than this is cut: every endpoint costs a health
 /// check per interval and a few metric series.
 pub const MAX_ENDPOINTS_PER_ROLE: usize = 1024;
+
+/// Prefillers one `x-prefiller-host-port` header may name.
+pub const MAX_HEADER_PREFILLERS: usize = 16;
+
+/// Prefillers outside the fleet that gateways named, kept so that their
+/// in-flight counts and ejections carry from one request to the next.
+const MAX_VOUCHED: usize = 1024;
 
 /// The longest a resolution may take; past it the last answer stands.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +67,10 @@ pub struct Fleet {
     /// fleet; servers that are really gone fail their checks instead.
     answers: Mutex<[Vec<Vec<IpAddr>>; 2]>,
     discovery_errors: AtomicU64,
+    /// `--allowed-prefillers`.
+    allowed_prefillers: Vec<IpNet>,
+    /// Prefillers outside the fleet named by `x-prefiller-host-port`.
+    vouched: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
 }
 
 impl Fleet {
@@ -85,6 +98,8 @@ impl Fleet {
             health_timeout: config.health_timeout,
             own: Mutex::new(Vec::new()),
             discovery_errors: AtomicU64::new(0),
+            allowed_prefillers: config.allowed_prefillers.clone(),
+            vouched: Mutex::new(HashMap::new()),
         };
         fleet.rebuild(Role::Prefiller);
         fleet.rebuild(Role::Decoder);
@@ -284,6 +299,85 @@ impl Fleet {
             Ok(()) => endpoint.check_result(true, ""),
             Err(e) => endpoint.check_result(false, &e),
         };
+    }
+
+    /// The prefillers an `x-prefiller-host-port` value names (llm-d's
+    /// convention: `ip:port`, or a comma list of them). Each must be a
+    /// prefiller of the fleet or inside `--allowed-prefillers`, and never
+    /// the proxy itself: the header comes from whoever can reach the API
+    /// port, and must not make the proxy connect where it pleases. Names
+    /// are refused rather than resolved per request.
+    pub fn header_prefillers(&self, value: &str) -> Result<Vec<Arc<Endpoint>>, String> {
+        let entries: Vec<&str> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect();
+        if entries.is_empty() {
+            return Err("x-prefiller-host-port names no prefiller".into());
+        }
+        if entries.len() > MAX_HEADER_PREFILLERS {
+            return Err(format!(
+                "x-prefiller-host-port names {} prefillers; at most {MAX_HEADER_PREFILLERS}",
+                entries.len()
+            ));
+        }
+        let known = self.prefillers.snapshot();
+        let own = self
+            .own
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut chosen: Vec<Arc<Endpoint>> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let shown: String = entry.chars().take(64).collect();
+            let addr: SocketAddr = entry
+                .parse()
+                .ok()
+                .filter(|a: &SocketAddr| a.port() != 0)
+                .ok_or_else(|| {
+                    format!("x-prefiller-host-port: {shown:?} is not an IP address and port")
+                })?;
+            if chosen.iter().any(|e| e.addr == addr) {
+                continue;
+            }
+            if is_own_address(addr, &own) {
+                return Err(format!(
+                    "x-prefiller-host-port: {addr} is this proxy's own address"
+                ));
+            }
+            if let Some(e) = known.iter().find(|e| e.addr == addr) {
+                chosen.push(Arc::clone(e));
+            } else if self
+                .allowed_prefillers
+                .iter()
+                .any(|n| n.contains(&addr.ip()))
+            {
+                chosen.push(self.vouched(addr));
+            } else {
+                return Err(format!(
+                    "x-prefiller-host-port: {addr} is neither a known prefiller nor inside --allowed-prefillers"
+                ));
+            }
+        }
+        Ok(chosen)
+    }
+
+    fn vouched(&self, addr: SocketAddr) -> Arc<Endpoint> {
+        let mut vouched = self.vouched.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = vouched.get(&addr) {
+            return Arc::clone(e);
+        }
+        if vouched.len() >= MAX_VOUCHED {
+            // Forget those with nothing in flight; past that, this one is
+            // not remembered.
+            vouched.retain(|_, e| e.in_flight() > 0);
+        }
+        let endpoint = Endpoint::vouched(Role::Prefiller, addr, self.clock);
+        if vouched.len() < MAX_VOUCHED {
+            vouched.insert(addr, Arc::clone(&endpoint));
+        }
+        endpoint
     }
 
     /// (healthy, all) per role, prefillers first.
