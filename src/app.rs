@@ -2,12 +2,17 @@
 //! request path and the telemetry endpoint all point down to it and not at
 //! each other.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use crate::config::Config;
 use crate::fleet::{Fleet, Resolve, SystemResolver};
+use crate::forward::Forwarder;
 use crate::metrics::Metrics;
+use crate::owner::Ids;
 use crate::pending::Pending;
 use crate::tokens::TokenEstimate;
 use crate::upstream::{self, HttpClient};
@@ -20,6 +25,13 @@ pub struct App {
     pub fleet: Arc<Fleet>,
     /// The prompt-length guess of `--direct-below-tokens`.
     pub tokens: TokenEstimate,
+    /// How ids are made and read; set once the telemetry listener's
+    /// address is known ([`App::set_routing`]).
+    ids: OnceLock<Ids>,
+    /// Sends events for other replicas' ids on to them.
+    pub forwarder: Forwarder,
+    /// The forwarder's sending task, spawned by `serve`.
+    forward_task: Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
 }
 
 impl App {
@@ -32,7 +44,11 @@ impl App {
     pub fn with_resolver(config: Config, resolver: Arc<dyn Resolve>) -> Arc<Self> {
         let metrics = Metrics::new();
         let client = upstream::client();
+        let (forwarder, forward_task) = Forwarder::new(client.clone(), Arc::clone(&metrics));
         Arc::new(App {
+            ids: OnceLock::new(),
+            forwarder,
+            forward_task: Mutex::new(Some(Box::pin(forward_task))),
             pending: Pending::new(metrics.pending.clone()),
             fleet: Fleet::new(&config, resolver, client.clone()),
             client,
@@ -40,6 +56,58 @@ impl App {
             metrics,
             config,
         })
+    }
+}
+
+impl App {
+    /// Ids as this replica makes them: owner-routed with a cluster key,
+    /// plain without.
+    pub fn ids(&self) -> &Ids {
+        // Before `set_routing` (nothing is served yet) the plain form is
+        // answered but not kept, so the routing decided later stands.
+        static PLAIN: Ids = Ids::local();
+        self.ids.get().unwrap_or(&PLAIN)
+    }
+
+    /// Decides this replica's ids once its telemetry listener is bound at
+    /// `telemetry`: with a cluster key they name `--advertise-telemetry`,
+    /// else the listener's address when concrete, else `pod_ip` (the
+    /// downward API's `POD_IP`) with the listener's port. The first call
+    /// decides.
+    pub fn set_routing(&self, telemetry: SocketAddr, pod_ip: Option<&str>) -> Result<(), String> {
+        if self.ids.get().is_some() {
+            return Ok(());
+        }
+        let ids = match &self.config.cluster_key {
+            None => Ids::local(),
+            Some(key) => {
+                let me = self
+                    .config
+                    .advertise_telemetry
+                    .or_else(|| (!telemetry.ip().is_unspecified()).then_some(telemetry))
+                    .or_else(|| {
+                        let ip = pod_ip?.trim().parse::<IpAddr>().ok()?;
+                        Some(SocketAddr::new(ip, telemetry.port()))
+                    })
+                    .ok_or_else(|| {
+                        format!(
+                            "with a cluster key, ids must name an address where this replica's telemetry listener ({telemetry}) is reachable: set --advertise-telemetry IP:PORT or POD_IP"
+                        )
+                    })?;
+                tracing::info!(advertise = %me, "owner-routed ids: telemetry for this replica's requests is forwarded to it");
+                Ids::routed(key, me)?
+            }
+        };
+        let _ = self.ids.set(ids);
+        Ok(())
+    }
+
+    /// The forwarder's task, once: `serve` runs it.
+    pub fn take_forward_task(&self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        self.forward_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 }
 

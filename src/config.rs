@@ -3,7 +3,7 @@
 //! rules so pd-proxy drops into existing launch scripts; every flag can also
 //! come from `PD_PROXY_<FLAG>` for container deployments.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -170,6 +170,27 @@ pub struct Args {
         value_name = "CIDR"
     )]
     pub allowed_prefillers: Vec<String>,
+    /// Secret shared by every replica of a fleet behind one telemetry URL:
+    /// ids then name their owner and carry a MAC, and events for another
+    /// replica's ids are forwarded to it. Better given as
+    /// PD_PROXY_CLUSTER_KEY or --cluster-key-file than here, where `ps`
+    /// shows it. At least 16 bytes.
+    #[arg(
+        long,
+        env = "PD_PROXY_CLUSTER_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub cluster_key: Option<String>,
+    /// File holding the cluster key (a Kubernetes Secret mounted as a
+    /// file); surrounding whitespace is ignored.
+    #[arg(long, env = "PD_PROXY_CLUSTER_KEY_FILE", value_name = "PATH")]
+    pub cluster_key_file: Option<std::path::PathBuf>,
+    /// Where this replica's telemetry listener is reachable from the
+    /// prefillers, written into its ids [default: the telemetry bind
+    /// address when concrete, else $POD_IP and the telemetry port].
+    #[arg(long, env = "PD_PROXY_ADVERTISE_TELEMETRY", value_name = "IP:PORT")]
+    pub advertise_telemetry: Option<String>,
 }
 
 /// One `--*-host` entry with its port, as configured: an IP address is one
@@ -246,6 +267,9 @@ pub struct Config {
     pub prefill_retries: u32,
     pub direct_below_tokens: u32,
     pub allowed_prefillers: Vec<IpNet>,
+    /// `--cluster-key` (or its file): owner-routed ids.
+    pub cluster_key: Option<Vec<u8>>,
+    pub advertise_telemetry: Option<SocketAddr>,
 }
 
 /// Where to listen; kept apart from [`Config`] because tests bind their own
@@ -321,6 +345,41 @@ impl Args {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let cluster_key = match (self.cluster_key, self.cluster_key_file) {
+            (Some(_), Some(_)) => {
+                return Err("give the cluster key once: --cluster-key or --cluster-key-file".into())
+            }
+            (Some(key), None) => Some(key.trim().as_bytes().to_vec()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("--cluster-key-file {}: {e}", path.display()))?
+                    .trim()
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(key) = &cluster_key {
+            if key.len() < crate::owner::MIN_KEY_BYTES {
+                return Err(format!(
+                    "the cluster key has {} bytes; at least {}",
+                    key.len(),
+                    crate::owner::MIN_KEY_BYTES
+                ));
+            }
+        }
+        let advertise_telemetry = self
+            .advertise_telemetry
+            .map(|a| {
+                a.trim()
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .filter(|a| a.port() != 0 && !a.ip().is_unspecified())
+                    .ok_or_else(|| {
+                        format!("--advertise-telemetry {a:?} is not an IP address and port that others can reach")
+                    })
+            })
+            .transpose()?;
         Ok((
             Config {
                 prefillers,
@@ -336,6 +395,8 @@ impl Args {
                 prefill_retries: self.prefill_retries,
                 direct_below_tokens: self.direct_below_tokens,
                 allowed_prefillers,
+                cluster_key,
+                advertise_telemetry,
             },
             ListenAddrs {
                 host: self.host,
@@ -487,6 +548,12 @@ mod tests {
         assert!(err.contains("random"), "{err}");
         let err = parse(&["--allowed-prefillers", "10.0.0.0/8,banana"]).unwrap_err();
         assert!(err.contains("banana"), "{err}");
+        let err = parse(&["--cluster-key", "short"]).unwrap_err();
+        assert!(err.contains("at least 16"), "{err}");
+        let err = parse(&["--advertise-telemetry", "0.0.0.0:5768"]).unwrap_err();
+        assert!(err.contains("--advertise-telemetry"), "{err}");
+        let err = parse(&["--cluster-key-file", "/nonexistent/key"]).unwrap_err();
+        assert!(err.contains("/nonexistent/key"), "{err}");
         let (c, _) = parse(&["--allowed-prefillers", "10.1.2.3/8, fd00::1"]).unwrap();
         assert_eq!(
             c.allowed_prefillers,

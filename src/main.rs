@@ -87,6 +87,8 @@ async fn run(config: pd_proxy::Config, addrs: ListenAddrs) -> Result<(), Failure
         "pd-proxy listening"
     );
     let app = App::new(config);
+    app.set_routing(own[1], std::env::var("POD_IP").ok().as_deref())
+        .map_err(Failure::Config)?;
     pd_proxy::serve(Listeners { public, telemetry }, app, shutdown_signal())
         .await
         .map_err(|e| Failure::Run(e.to_string()))

@@ -31,6 +31,46 @@ pub const ROUTES: &str = "pd_proxy_routes_total";
 pub const PANIC_PICKS: &str = "pd_proxy_panic_picks_total";
 pub const LOOPS: &str = "pd_proxy_loops_refused_total";
 pub const BYTES_PER_TOKEN: &str = "pd_proxy_prompt_bytes_per_token";
+pub const FORWARDED_IDS: &str = "pd_proxy_telemetry_forwarded_ids_total";
+pub const FORWARD_SECONDS: &str = "pd_proxy_telemetry_forward_seconds";
+pub const INVALID_IDS: &str = "pd_proxy_telemetry_invalid_ids_total";
+
+/// What became of telemetry ids that belong to another replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardOutcome {
+    /// The owner took them for a parked request.
+    Delivered,
+    /// The owner answered but no longer parks them (released, timed out,
+    /// client gone).
+    UnknownAtOwner,
+    /// The owner did not answer in time, or refused.
+    Unreachable,
+    /// The forward queue was full.
+    QueueFull,
+    /// They arrived already forwarded, for a third replica: never sent on
+    /// again.
+    Misrouted,
+}
+
+impl ForwardOutcome {
+    const ALL: [ForwardOutcome; 5] = [
+        ForwardOutcome::Delivered,
+        ForwardOutcome::UnknownAtOwner,
+        ForwardOutcome::Unreachable,
+        ForwardOutcome::QueueFull,
+        ForwardOutcome::Misrouted,
+    ];
+
+    fn labels(self) -> &'static [Label] {
+        match self {
+            ForwardOutcome::Delivered => &DELIVERED_LABELS,
+            ForwardOutcome::UnknownAtOwner => &UNKNOWN_AT_OWNER_LABELS,
+            ForwardOutcome::Unreachable => &UNREACHABLE_LABELS,
+            ForwardOutcome::QueueFull => &QUEUE_FULL_LABELS,
+            ForwardOutcome::Misrouted => &MISROUTED_LABELS,
+        }
+    }
+}
 // Rendered by the fleet from its live endpoints, see
 // `Fleet::render_metrics`.
 pub const ENDPOINT_HEALTHY: &str = "pd_proxy_endpoint_healthy";
@@ -77,6 +117,9 @@ pub struct Metrics {
     panic_picks: [Counter; 2],
     pub loops: Counter,
     pub bytes_per_token: Gauge,
+    forwarded: [Counter; 5],
+    pub forward_seconds: Histogram,
+    pub invalid_ids: Counter,
 }
 
 impl Metrics {
@@ -157,6 +200,21 @@ impl Metrics {
             "Prompt bytes per token in the length estimate of --direct-below-tokens, learned from the prefillers' usage counts.",
         );
         describe(
+            FORWARDED_IDS,
+            None,
+            "Telemetry ids of another replica's requests, by outcome: delivered, unknown_at_owner, unreachable, queue_full, misrouted.",
+        );
+        describe(
+            FORWARD_SECONDS,
+            Some(Unit::Seconds),
+            "From a forwarded event's arrival to its owner's answer: the KV wait forwarding adds.",
+        );
+        describe(
+            INVALID_IDS,
+            None,
+            "Telemetry ids that no replica of this cluster made (bad format or MAC).",
+        );
+        describe(
             LOOPS,
             None,
             "Requests refused with 508 because they came from a pd-proxy.",
@@ -189,6 +247,9 @@ impl Metrics {
                 labelled(PANIC_PICKS, &DECODER_LABELS),
             ],
             loops: counter(LOOPS),
+            forwarded: ForwardOutcome::ALL.map(|o| labelled(FORWARDED_IDS, o.labels())),
+            forward_seconds: histogram(FORWARD_SECONDS),
+            invalid_ids: counter(INVALID_IDS),
             bytes_per_token: recorder
                 .register_gauge(&Key::from_static_name(BYTES_PER_TOKEN), &METADATA),
             pending: recorder.register_gauge(&Key::from_static_name(PENDING), &METADATA),
@@ -217,6 +278,16 @@ impl Metrics {
     /// `leg` is the prefill or the decode.
     pub fn retry(&self, leg: Leg) {
         self.retries[usize::from(leg == Leg::Decode)].increment(1);
+    }
+
+    pub fn forwarded(&self, outcome: ForwardOutcome, ids: u64) {
+        if ids > 0 {
+            let i = ForwardOutcome::ALL
+                .iter()
+                .position(|o| *o == outcome)
+                .expect("every outcome is listed");
+            self.forwarded[i].increment(ids);
+        }
     }
 
     pub fn route(&self, route: Route) {
@@ -274,6 +345,12 @@ impl Metrics {
 static PREFILL_LABELS: [Label; 1] = [Label::from_static_parts("leg", "prefill")];
 static DECODE_LABELS: [Label; 1] = [Label::from_static_parts("leg", "decode")];
 static MODELS_LABELS: [Label; 1] = [Label::from_static_parts("leg", "models")];
+static DELIVERED_LABELS: [Label; 1] = [Label::from_static_parts("outcome", "delivered")];
+static UNKNOWN_AT_OWNER_LABELS: [Label; 1] =
+    [Label::from_static_parts("outcome", "unknown_at_owner")];
+static UNREACHABLE_LABELS: [Label; 1] = [Label::from_static_parts("outcome", "unreachable")];
+static QUEUE_FULL_LABELS: [Label; 1] = [Label::from_static_parts("outcome", "queue_full")];
+static MISROUTED_LABELS: [Label; 1] = [Label::from_static_parts("outcome", "misrouted")];
 static PD_LABELS: [Label; 1] = [Label::from_static_parts("route", "pd")];
 static DIRECT_LABELS: [Label; 1] = [Label::from_static_parts("route", "direct")];
 static PREFILLER_LABELS: [Label; 1] = [Label::from_static_parts("role", "prefiller")];

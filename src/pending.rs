@@ -34,6 +34,14 @@ impl RequestId {
         RequestId(rand::random())
     }
 
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        RequestId(u128::from_be_bytes(bytes))
+    }
+
     /// Parses exactly 32 lowercase hex digits, the form [`fmt::Display`]
     /// writes.
     pub fn parse(hex: &str) -> Option<Self> {

@@ -84,7 +84,7 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
     };
     response
         .headers_mut()
-        .insert(X_REQUEST_ID.clone(), id_header(id));
+        .insert(X_REQUEST_ID.clone(), id_header(&app, id));
     response
 }
 
@@ -137,8 +137,10 @@ fn named_prefillers(headers: &HeaderMap) -> Option<String> {
     Some(joined.join(","))
 }
 
-fn id_header(id: RequestId) -> HeaderValue {
-    HeaderValue::try_from(id.to_string()).expect("hex is a valid header value")
+/// The id as vLLM sees it: with a cluster key it names this replica, so
+/// that LMCache's event for it finds its way back here.
+fn id_header(app: &App, id: RequestId) -> HeaderValue {
+    HeaderValue::try_from(app.ids().wire(id)).expect("hex is a valid header value")
 }
 
 async fn run(
@@ -339,7 +341,7 @@ async fn prefill(
             uri(&prefiller, ask.api),
             body.clone(),
             ask.auth,
-            Some((X_REQUEST_ID.as_str(), id_header(ask.id))),
+            Some((X_REQUEST_ID.as_str(), id_header(app, ask.id))),
         );
         req.headers_mut().insert(
             upstream::LOAD_FORMAT_HEADER.clone(),
@@ -499,7 +501,7 @@ async fn decode(app: &App, ask: Ask<'_>, raw: Bytes) -> Result<DecoderAnswer, Pr
             uri(&decoder, ask.api),
             raw.clone(),
             ask.auth,
-            Some((X_REQUEST_ID.as_str(), id_header(ask.id))),
+            Some((X_REQUEST_ID.as_str(), id_header(app, ask.id))),
         );
         let in_flight = decoder.start();
         let tried_at = Instant::now();

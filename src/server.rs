@@ -157,6 +157,10 @@ pub async fn serve(
         .filter_map(|l| l.local_addr().ok())
         .collect();
     app.fleet.set_own_addrs(&own);
+    let telemetry_addr = listeners.telemetry.local_addr()?;
+    app.set_routing(telemetry_addr, std::env::var("POD_IP").ok().as_deref())
+        .map_err(io::Error::other)?;
+    let forward = app.take_forward_task().map(tokio::spawn);
     let fleet = tokio::spawn(Arc::clone(&app.fleet).run());
     let calibration = (app.config.direct_below_tokens > 0)
         .then(|| tokio::spawn(Arc::clone(&app).calibrate_tokens()));
@@ -198,6 +202,9 @@ pub async fn serve(
     };
     upkeep.abort();
     fleet.abort();
+    if let Some(forward) = forward {
+        forward.abort();
+    }
     if let Some(calibration) = calibration {
         calibration.abort();
     }

@@ -4,17 +4,23 @@
 //! each id back to a parked request by parsing, counts ranks, and answers at
 //! once: LMCache's sender is fire-and-forget with a 5 s timeout.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
+use http::HeaderMap;
 use serde::Deserialize;
 
 use crate::app::App;
 use crate::error::ProxyError;
-use crate::pending::{Recorded, RequestId, ID_LEN, MAX_WORLD_SIZE};
+use crate::forward::{Job, FORWARDED_HEADER};
+use crate::metrics::ForwardOutcome;
+use crate::owner::{Owner, ROUTED_LEN};
+use crate::pending::{Recorded, ID_LEN, MAX_WORLD_SIZE};
 
 /// The one event that releases requests.
 pub const STORE_FINISHED: &str = "request_store_finished";
@@ -23,6 +29,8 @@ pub const STORE_FINISHED: &str = "request_store_finished";
 struct Payload {
     event: String,
     request_ids_set: Vec<String>,
+    #[serde(default)]
+    model_name: Option<String>,
     #[serde(default = "one")]
     world_size: u32,
     #[serde(default)]
@@ -33,25 +41,29 @@ fn one() -> u32 {
     1
 }
 
-/// Where an engine id points: our request and which of its prompts.
+/// Where an engine id points: the proxy's id token (plain or
+/// owner-routed, see [`crate::owner`]) and which of the request's prompts.
 #[derive(Debug, PartialEq, Eq)]
-pub struct EngineId {
-    pub id: RequestId,
+pub struct EngineId<'a> {
+    pub token: &'a str,
     pub prompt: usize,
 }
 
 /// Parses vLLM's engine-internal ids for requests the proxy sent:
 /// `chatcmpl-ID`, `chatcmpl-ID-xxxxxxxx`, `cmpl-ID-i`, `cmpl-ID-i-xxxxxxxx`,
-/// where `ID` is the proxy's 32-hex id and `-xxxxxxxx` the random suffix
-/// vLLM ≥ 0.14 appends. Constant time: no scan of parked requests.
-pub fn parse_engine_id(engine_id: &str) -> Option<EngineId> {
+/// where `ID` is the proxy's id (hex, no `-`) and `-xxxxxxxx` the random
+/// suffix vLLM ≥ 0.14 appends. Constant time: no scan of parked requests.
+pub fn parse_engine_id(engine_id: &str) -> Option<EngineId<'_>> {
     let (rest, chat) = if let Some(rest) = engine_id.strip_prefix("chatcmpl-") {
         (rest, true)
     } else {
         (engine_id.strip_prefix("cmpl-")?, false)
     };
-    let id = RequestId::parse(rest.get(..ID_LEN)?)?;
-    let tail = &rest[ID_LEN..];
+    let token = rest.split('-').next()?;
+    if token.len() != ID_LEN && token.len() != ROUTED_LEN {
+        return None;
+    }
+    let tail = &rest[token.len()..];
     let mut parts = tail.split('-');
     // `tail` is empty or starts with '-': the first piece is empty.
     if parts.next() != Some("") {
@@ -61,7 +73,7 @@ pub fn parse_engine_id(engine_id: &str) -> Option<EngineId> {
         0
     } else {
         let index = parts.next()?;
-        if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        if index.is_empty() || index.len() > 9 || !index.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         index.parse().ok()?
@@ -72,13 +84,15 @@ pub fn parse_engine_id(engine_id: &str) -> Option<EngineId> {
             if !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_alphanumeric()) => {}
         _ => return None,
     }
-    Some(EngineId { id, prompt })
+    Some(EngineId { token, prompt })
 }
 
 /// `POST /api/v1/telemetry`. Replies like the Python proxy:
 /// `{"status":"ok","notified":n,"total":m}`, `notified` being the ids that
-/// belonged to a parked request.
-pub async fn handle(State(app): State<Arc<App>>, body: Bytes) -> Response {
+/// belonged to a request parked here. Ids of another replica's requests
+/// are queued for it and not waited for.
+pub async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    let received = Instant::now();
     let payload: Payload = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
@@ -106,13 +120,39 @@ pub async fn handle(State(app): State<Arc<App>>, body: Bytes) -> Response {
         tracing::debug!(event = %payload.event, "ignoring telemetry event");
         return reply(0, total);
     }
+    let ids = app.ids();
+    // Sent by a replica that found these ids were not its own: they are
+    // never sent on again, whatever they say.
+    let forwarded_in = headers.contains_key(&FORWARDED_HEADER);
+    let mut remote: Vec<(SocketAddr, Vec<&str>)> = Vec::new();
     let mut notified = 0;
     for engine_id in &payload.request_ids_set {
-        let outcome = match parse_engine_id(engine_id) {
-            Some(e) => app
-                .pending
-                .record(e.id, e.prompt, payload.world_size, payload.kv_rank),
-            None => Recorded::Unknown,
+        let owner = match parse_engine_id(engine_id) {
+            Some(e) => (ids.resolve(e.token), e.prompt),
+            None => (Owner::Invalid, 0),
+        };
+        let outcome = match owner {
+            (Owner::Local(id), prompt) => {
+                app.pending
+                    .record(id, prompt, payload.world_size, payload.kv_rank)
+            }
+            (Owner::Remote(owner, _), _) => {
+                if forwarded_in {
+                    metrics.forwarded(ForwardOutcome::Misrouted, 1);
+                } else {
+                    match remote.iter_mut().find(|(o, _)| *o == owner) {
+                        Some((_, group)) => group.push(engine_id),
+                        None => remote.push((owner, vec![engine_id])),
+                    }
+                }
+                continue;
+            }
+            (Owner::Invalid, _) if ids.is_routed() => {
+                metrics.invalid_ids.increment(1);
+                tracing::debug!(%engine_id, "telemetry id not made by this cluster");
+                continue;
+            }
+            (Owner::Invalid, _) => Recorded::Unknown,
         };
         match outcome {
             Recorded::Unknown | Recorded::Rejected => {
@@ -124,6 +164,21 @@ pub async fn handle(State(app): State<Arc<App>>, body: Bytes) -> Response {
                 tracing::debug!(%engine_id, rank = payload.kv_rank, ?outcome, "telemetry");
             }
         }
+    }
+    for (owner, group) in remote {
+        let body = serde_json::json!({
+            "event": payload.event,
+            "request_ids_set": group,
+            "model_name": payload.model_name,
+            "world_size": payload.world_size,
+            "kv_rank": payload.kv_rank,
+        });
+        app.forwarder.send(Job {
+            owner,
+            ids: group.len(),
+            body: Bytes::from(body.to_string()),
+            received,
+        });
     }
     reply(notified, total)
 }
@@ -138,15 +193,28 @@ mod tests {
 
     #[test]
     fn engine_id_forms() {
-        let id = RequestId::random();
+        let id = crate::pending::RequestId::random();
+        let hex = id.to_string();
         let ok = |s: String, prompt| {
-            assert_eq!(parse_engine_id(&s), Some(EngineId { id, prompt }), "{s}");
+            assert_eq!(
+                parse_engine_id(&s),
+                Some(EngineId {
+                    token: &hex,
+                    prompt
+                }),
+                "{s}"
+            );
         };
         ok(format!("chatcmpl-{id}"), 0);
         ok(format!("chatcmpl-{id}-bb69c56a"), 0);
         ok(format!("cmpl-{id}-0"), 0);
         ok(format!("cmpl-{id}-0-a6fff269"), 0);
         ok(format!("cmpl-{id}-12-a6fff269"), 12);
+        let routed = "a".repeat(ROUTED_LEN);
+        assert_eq!(
+            parse_engine_id(&format!("chatcmpl-{routed}-bb69c56a")).map(|e| e.token.len()),
+            Some(ROUTED_LEN)
+        );
         for bad in [
             format!("{id}"),
             format!("chatcmpl-{id}x"),
@@ -155,6 +223,7 @@ mod tests {
             format!("cmpl-{id}"),
             format!("cmpl-{id}-x"),
             format!("cmpl-{id}-0-a-b"),
+            format!("cmpl-{id}-99999999999999999999"),
             "chatcmpl-short-1-9a895ec2".to_string(),
             "cmpl-".to_string(),
             format!("chatcmpl-{}", &id.to_string()[..31]),

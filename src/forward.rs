@@ -1,0 +1,121 @@
+//! Telemetry events for another replica's requests, sent on to it.
+//!
+//! The telemetry handler answers LMCache at once (its sender is
+//! fire-and-forget with a 5 s timeout), so forwarding happens behind a
+//! bounded queue: one job per owner per event, sent by a single task over
+//! the shared pooled client (keep-alive connections to each owner), a
+//! bounded number at a time, each with a short timeout. Every outcome is
+//! counted; nothing waits on a slow or dead owner.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Uri};
+use http_body_util::BodyExt;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::metrics::{ForwardOutcome, Metrics};
+use crate::upstream::{self, HttpClient};
+
+/// Marks a forwarded event, so that its receiver never forwards it again
+/// (an id whose owner is not the receiver was routed wrongly: dropped).
+pub static FORWARDED_HEADER: HeaderName = HeaderName::from_static("x-pd-proxy-forwarded");
+
+/// Jobs waiting to be sent; past this, events are dropped and counted.
+const QUEUE: usize = 4096;
+/// Forwards in flight at once.
+const IN_FLIGHT: usize = 256;
+/// An owner that has not answered in this long is counted unreachable:
+/// the event is worth little later (the owner's own KV wait runs on).
+const TIMEOUT: Duration = Duration::from_secs(1);
+/// Largest reply read from an owner.
+const MAX_REPLY: usize = 4096;
+
+/// One event's ids for one owner.
+pub struct Job {
+    pub owner: SocketAddr,
+    /// The event as LMCache sent it, with only this owner's ids.
+    pub body: Bytes,
+    pub ids: usize,
+    /// When the event reached this replica: the forward's added wait is
+    /// measured from here.
+    pub received: Instant,
+}
+
+pub struct Forwarder {
+    queue: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+impl Forwarder {
+    /// The forwarder and the task that sends its jobs; the task ends when
+    /// the forwarder is dropped.
+    pub fn new(
+        client: HttpClient,
+        metrics: Arc<Metrics>,
+    ) -> (Self, impl std::future::Future<Output = ()>) {
+        let (queue, jobs) = mpsc::channel(QUEUE);
+        let task = run(jobs, client, Arc::clone(&metrics));
+        (Forwarder { queue, metrics }, task)
+    }
+
+    /// Queues a job; a full queue drops it (counted).
+    pub fn send(&self, job: Job) {
+        let ids = job.ids as u64;
+        if self.queue.try_send(job).is_err() {
+            self.metrics.forwarded(ForwardOutcome::QueueFull, ids);
+        }
+    }
+}
+
+async fn run(mut jobs: mpsc::Receiver<Job>, client: HttpClient, metrics: Arc<Metrics>) {
+    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    while let Some(job) = jobs.recv().await {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let (client, metrics) = (client.clone(), Arc::clone(&metrics));
+        tokio::spawn(async move {
+            deliver(&client, &metrics, job).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn deliver(client: &HttpClient, metrics: &Metrics, job: Job) {
+    let uri: Uri = match format!("http://{}/api/v1/telemetry", job.owner).parse() {
+        Ok(uri) => uri,
+        Err(_) => return metrics.forwarded(ForwardOutcome::Unreachable, job.ids as u64),
+    };
+    let mut req = upstream::post_json(&uri, job.body, None, None);
+    req.headers_mut()
+        .insert(FORWARDED_HEADER.clone(), HeaderValue::from_static("1"));
+    let call = async {
+        let response = client.request(req).await.map_err(|_| ())?;
+        if !response.status().is_success() {
+            return Err(());
+        }
+        let body = http_body_util::Limited::new(response.into_body(), MAX_REPLY)
+            .collect()
+            .await
+            .map_err(|_| ())?
+            .to_bytes();
+        let reply: serde_json::Value = serde_json::from_slice(&body).map_err(|_| ())?;
+        Ok(reply["notified"].as_u64().unwrap_or(0))
+    };
+    let ids = job.ids as u64;
+    match tokio::time::timeout(TIMEOUT, call).await {
+        Ok(Ok(notified)) => {
+            metrics.forward_seconds.record(job.received.elapsed());
+            let notified = notified.min(ids);
+            metrics.forwarded(ForwardOutcome::Delivered, notified);
+            metrics.forwarded(ForwardOutcome::UnknownAtOwner, ids - notified);
+        }
+        _ => {
+            tracing::debug!(owner = %job.owner, ids, "telemetry forward failed");
+            metrics.forwarded(ForwardOutcome::Unreachable, ids);
+        }
+    }
+}
