@@ -326,9 +326,9 @@ impl Args {
                 self.prefill_retries
             ));
         }
-        let discovery_interval = seconds("--discovery-interval", self.discovery_interval)?;
-        let health_interval = seconds("--health-interval", self.health_interval)?;
-        let health_timeout = seconds("--health-timeout", self.health_timeout)?;
+        let discovery_interval = interval("--discovery-interval", self.discovery_interval)?;
+        let health_interval = interval("--health-interval", self.health_interval)?;
+        let health_timeout = interval("--health-timeout", self.health_timeout)?;
         let allowed_prefillers = self
             .allowed_prefillers
             .iter()
@@ -411,6 +411,21 @@ impl Args {
 /// Each retry is another prefiller's work for one request; a handful is
 /// plenty, and a bound keeps a typo from multiplying the load.
 const MAX_PREFILL_RETRIES: u32 = 16;
+
+/// The shortest discovery or health interval: below it the proxy would
+/// spend itself on checks (a typo like 1e-6 is not a schedule).
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+fn interval(flag: &str, value: f64) -> Result<Duration, String> {
+    let d = seconds(flag, value)?;
+    if d < MIN_INTERVAL {
+        return Err(format!(
+            "{flag} must be at least {} s, got {value}",
+            MIN_INTERVAL.as_secs_f64()
+        ));
+    }
+    Ok(d)
+}
 
 fn seconds(flag: &str, value: f64) -> Result<Duration, String> {
     if !(value.is_finite() && value > 0.0 && value < 1e9) {
@@ -544,6 +559,8 @@ mod tests {
         assert!(err.contains("neither an IP"), "{err}");
         let err = parse(&["--health-interval", "0"]).unwrap_err();
         assert!(err.contains("--health-interval"), "{err}");
+        let err = parse(&["--discovery-interval", "1e-10"]).unwrap_err();
+        assert!(err.contains("at least"), "{err}");
         let err = parse(&["--balance", "random"]).unwrap_err();
         assert!(err.contains("random"), "{err}");
         let err = parse(&["--allowed-prefillers", "10.0.0.0/8,banana"]).unwrap_err();

@@ -8,6 +8,7 @@
 //! counted; nothing waits on a slow or dead owner.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,8 +24,11 @@ use crate::upstream::{self, HttpClient};
 /// (an id whose owner is not the receiver was routed wrongly: dropped).
 pub static FORWARDED_HEADER: HeaderName = HeaderName::from_static("x-pd-proxy-forwarded");
 
-/// Jobs waiting to be sent; past this, events are dropped and counted.
+/// Jobs waiting to be sent, and their bytes; past either, events are
+/// dropped and counted. The bytes bound what a flood of large events can
+/// pin (a job is a copy of its event's ids).
 const QUEUE: usize = 4096;
+const QUEUE_BYTES: usize = 16 << 20;
 /// Forwards in flight at once.
 const IN_FLIGHT: usize = 256;
 /// An owner that has not answered in this long is counted unreachable:
@@ -47,6 +51,8 @@ pub struct Job {
 pub struct Forwarder {
     queue: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
+    /// Bytes of the jobs queued or in flight.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Forwarder {
@@ -57,28 +63,48 @@ impl Forwarder {
         metrics: Arc<Metrics>,
     ) -> (Self, impl std::future::Future<Output = ()>) {
         let (queue, jobs) = mpsc::channel(QUEUE);
-        let task = run(jobs, client, Arc::clone(&metrics));
-        (Forwarder { queue, metrics }, task)
+        let queued = Arc::new(AtomicUsize::new(0));
+        let task = run(jobs, client, Arc::clone(&metrics), Arc::clone(&queued));
+        (
+            Forwarder {
+                queue,
+                metrics,
+                queued,
+            },
+            task,
+        )
     }
 
     /// Queues a job; a full queue drops it (counted).
     pub fn send(&self, job: Job) {
-        let ids = job.ids as u64;
+        let (ids, bytes) = (job.ids as u64, job.body.len());
+        if self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes > QUEUE_BYTES {
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+            return self.metrics.forwarded(ForwardOutcome::QueueFull, ids);
+        }
         if self.queue.try_send(job).is_err() {
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
             self.metrics.forwarded(ForwardOutcome::QueueFull, ids);
         }
     }
 }
 
-async fn run(mut jobs: mpsc::Receiver<Job>, client: HttpClient, metrics: Arc<Metrics>) {
+async fn run(
+    mut jobs: mpsc::Receiver<Job>,
+    client: HttpClient,
+    metrics: Arc<Metrics>,
+    queued: Arc<AtomicUsize>,
+) {
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(job) = jobs.recv().await {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
         };
-        let (client, metrics) = (client.clone(), Arc::clone(&metrics));
+        let (client, metrics, queued) = (client.clone(), Arc::clone(&metrics), Arc::clone(&queued));
         tokio::spawn(async move {
+            let bytes = job.body.len();
             deliver(&client, &metrics, job).await;
+            queued.fetch_sub(bytes, Ordering::Relaxed);
             drop(permit);
         });
     }

@@ -73,10 +73,18 @@ impl ClientRequest {
             Api::Chat => 1,
             Api::Completions => prompt_count(body.get("prompt")),
         };
-        let size = match api {
+        let mut size = match api {
             Api::Chat => chat_size(body.get("messages")),
             Api::Completions => completion_size(body.get("prompt")),
         };
+        // Tool schemas go through the chat template too, at a length the
+        // text does not tell.
+        if ["tools", "functions"]
+            .iter()
+            .any(|k| body.get(*k).is_some_and(|v| !v.is_null()))
+        {
+            size.opaque = true;
+        }
         Ok(ClientRequest {
             body,
             stream,
@@ -135,12 +143,19 @@ fn chat_size(messages: Option<&Value>) -> PromptSize {
             Some(Value::String(text)) => size.text_bytes += text.len() as u64,
             Some(Value::Array(parts)) => {
                 for part in parts {
-                    if let Some(Value::String(text)) = part.get("text") {
-                        size.text_bytes += text.len() as u64;
+                    match part.get("text") {
+                        Some(Value::String(text)) => size.text_bytes += text.len() as u64,
+                        // An image, audio, a file: its tokens are not
+                        // in its JSON's length.
+                        _ => size.opaque = true,
                     }
                 }
             }
             _ => {}
+        }
+        // Tool calls and their results: templated at lengths of their own.
+        if message.get("tool_calls").is_some_and(|v| !v.is_null()) {
+            size.opaque = true;
         }
     }
     size

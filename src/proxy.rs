@@ -66,7 +66,9 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
     let named = named_prefillers(&headers);
     drop(headers);
     let id = RequestId::random();
-    let span = tracing::info_span!("request", %id, api = api.as_str());
+    // The id as the engines and the client see it (with a cluster key, the
+    // owner-routed form), so one string finds the request in every log.
+    let span = tracing::info_span!("request", id = %app.ids().wire(id), api = api.as_str());
     let mut log = RequestLog::new(Arc::clone(&app), api, span.clone());
     let ask = Ask {
         api,
@@ -365,7 +367,6 @@ async fn prefill(
             read_whole(response).await.map_err(CallError::Other)
         };
         let result = tokio::time::timeout_at(deadline, call).await;
-        drop(in_flight);
         let failure = match result {
             Err(_) => {
                 app.metrics.upstream_error(Leg::Prefill);
@@ -376,10 +377,12 @@ async fn prefill(
             }
             Ok(Ok((status, headers, answer))) => {
                 if status.is_server_error() {
-                    prefiller.passive_failure(&format!("answered {status}"));
+                    in_flight.failed(&format!("answered {status}"));
                 } else {
-                    prefiller.passive_success();
-                    prefiller.observe_latency(tried_at.elapsed());
+                    in_flight.succeeded();
+                    if status.is_success() {
+                        prefiller.observe_latency(tried_at.elapsed());
+                    }
                 }
                 if status != StatusCode::SERVICE_UNAVAILABLE || !retries_left {
                     break (prefiller, status, headers, answer);
@@ -388,7 +391,7 @@ async fn prefill(
             }
             Ok(Err(err)) => {
                 if matches!(err, CallError::Connect(_) | CallError::Reset(_)) {
-                    prefiller.passive_failure(err.detail());
+                    in_flight.failed(err.detail());
                 }
                 if matches!(err, CallError::Other(_)) || !retries_left {
                     app.metrics.upstream_error(Leg::Prefill);
@@ -517,7 +520,7 @@ async fn decode(app: &App, ask: Ask<'_>, raw: Bytes) -> Result<DecoderAnswer, Pr
             Ok(Err(err)) => {
                 let err = CallError::from_client(err);
                 if matches!(err, CallError::Connect(_) | CallError::Reset(_)) {
-                    decoder.passive_failure(err.detail());
+                    in_flight.failed(err.detail());
                 }
                 app.metrics.upstream_error(Leg::Decode);
                 let failure = ProxyError::Upstream {
@@ -535,7 +538,7 @@ async fn decode(app: &App, ask: Ask<'_>, raw: Bytes) -> Result<DecoderAnswer, Pr
     if response.status().is_server_error() {
         app.metrics.upstream_error(Leg::Decode);
         let status = response.status();
-        decoder.passive_failure(&format!("answered {status}"));
+        in_flight.failed(&format!("answered {status}"));
         let body = tokio::time::timeout_at(deadline, read_whole(response))
             .await
             .ok()
@@ -551,7 +554,7 @@ async fn decode(app: &App, ask: Ask<'_>, raw: Bytes) -> Result<DecoderAnswer, Pr
             ),
         });
     }
-    decoder.passive_success();
+    in_flight.succeeded();
     decoder.observe_latency(tried_at.elapsed());
     Ok(DecoderAnswer {
         response,
@@ -661,9 +664,9 @@ fn snippet(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..end]).into_owned()
 }
 
-/// Upstream answers relayed to `/v1/models`: the first prefiller that
-/// answers 200, else the first decoder, healthy endpoints first. Each try
-/// is bounded, so one dead server costs at most the connect timeout.
+/// Upstream answers relayed to `/v1/models`: the first of up to three
+/// endpoints that answers 200, healthy ones first, prefillers before
+/// decoders. Each try is bounded.
 pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if let Some(refusal) = refuse_loop(&app, &headers) {
         return refusal;
@@ -677,7 +680,9 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
     let all: Vec<&Arc<Endpoint>> = prefillers.iter().chain(decoders.iter()).collect();
     let (healthy, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| e.healthy());
     let mut last_error = String::from("no upstream is known yet");
-    for endpoint in healthy.into_iter().chain(rest) {
+    // A few tries at most: a fleet of dead servers must not cost one
+    // timeout each.
+    for endpoint in healthy.into_iter().chain(rest).take(MODELS_TRIES) {
         let call = async {
             let response = app
                 .client
@@ -713,6 +718,7 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
 }
 
 const MODELS_TIMEOUT: Duration = Duration::from_secs(10);
+const MODELS_TRIES: usize = 3;
 
 /// How a request ended, for its log line and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

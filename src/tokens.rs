@@ -41,6 +41,10 @@ pub struct PromptSize {
     pub messages: u64,
     /// One text prompt: its engine count can teach the ratio.
     pub single_text: bool,
+    /// Holds what text length says nothing about (images, audio, tool
+    /// schemas): counted as long, so it keeps the PD route, and never
+    /// taught from.
+    pub opaque: bool,
 }
 
 /// Tokens a chat template adds per message (role markers, separators)
@@ -99,6 +103,9 @@ impl TokenEstimate {
     }
 
     pub fn tokens(&self, size: &PromptSize) -> u64 {
+        if size.opaque {
+            return u64::MAX;
+        }
         let milli = u64::from(self.milli_bytes_per_token.load(Ordering::Relaxed));
         let text = size.text_bytes.saturating_mul(1000).div_ceil(milli);
         (text + self.template_tokens(size)).max(size.token_ids)
@@ -106,7 +113,7 @@ impl TokenEstimate {
 
     /// Folds in the engine's exact count for a prompt of `size`.
     pub fn learn(&self, size: &PromptSize, prompt_tokens: u64) {
-        if !size.single_text || size.token_ids > 0 {
+        if !size.single_text || size.opaque || size.token_ids > 0 {
             return;
         }
         let text_tokens = prompt_tokens.saturating_sub(self.template_tokens(size));
@@ -321,6 +328,18 @@ mod tests {
             e.set_calibration(200, 500, 900).is_err(),
             "an absurd template"
         );
+    }
+
+    #[test]
+    fn opaque_prompts_count_as_long_and_teach_nothing() {
+        let e = TokenEstimate::new(Gauge::noop());
+        let image = PromptSize {
+            opaque: true,
+            ..chat(10, 1)
+        };
+        assert_eq!(e.tokens(&image), u64::MAX);
+        e.learn(&image, 5_000);
+        assert_eq!(e.bytes_per_token(), 4.0);
     }
 
     #[test]

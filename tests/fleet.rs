@@ -94,7 +94,6 @@ impl Server {
 
 struct Proxy {
     url: String,
-    telemetry_url: String,
     app: Arc<App>,
     client: reqwest::Client,
     _stop: oneshot::Sender<()>,
@@ -113,10 +112,6 @@ impl Proxy {
         let (config, _) = Args::try_parse_from(argv).unwrap().resolve(None).unwrap();
         let app = App::with_resolver(config, dns);
         let url = format!("http://{}", public.local_addr().unwrap());
-        let telemetry_url = format!(
-            "http://{}/api/v1/telemetry",
-            telemetry.local_addr().unwrap()
-        );
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(pd_proxy::serve(
             Listeners { public, telemetry },
@@ -127,7 +122,6 @@ impl Proxy {
         ));
         Proxy {
             url,
-            telemetry_url,
             app,
             client: reqwest::Client::new(),
             _stop: stop,
@@ -490,14 +484,22 @@ async fn a_name_whose_answer_changes_adds_and_removes_endpoints() {
         "a removed endpoint leaves /metrics"
     );
 
-    // A failing resolution keeps the last answer.
+    // A failing resolution keeps the last answer for a while (six rounds),
+    // then drops it: a name that keeps failing is gone.
     dns.0.lock().unwrap().remove("prefill.pods");
     wait_until("a resolution error is counted", || async {
         metric_value(&proxy.metrics().await, "pd_proxy_discovery_errors_total") > 0.0
     })
     .await;
     assert_eq!(proxy.endpoints(pd_proxy::fleet::Role::Prefiller), [b.addr]);
-    assert_eq!(proxy.chat(&chat_body(false)).await.status(), 200);
+    wait_until("the stale answer is dropped", || async {
+        proxy.endpoints(pd_proxy::fleet::Role::Prefiller).is_empty()
+    })
+    .await;
+    assert!(metric_value(&proxy.metrics().await, "pd_proxy_discovery_errors_total") >= 6.0);
+    let resp = proxy.chat(&chat_body(false)).await;
+    assert_eq!(resp.status(), 503, "no prefiller is known");
+    assert_openai_error(&resp.json().await.unwrap(), 503);
     assert!(proxy.app.pending.is_empty());
 }
 
@@ -722,7 +724,6 @@ async fn a_decoder_that_refuses_connections_is_skipped() {
         ),
         0.0
     );
-    let _ = proxy.telemetry_url.len();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,17 +59,11 @@ impl RoleSet {
             .unwrap_or_else(PoisonError::into_inner) = Arc::from(endpoints);
     }
 
-    /// Healthy endpoints and all endpoints.
-    pub fn counts(&self) -> (usize, usize) {
-        let all = self.snapshot();
-        let now = self.clock.now_ms();
-        (all.iter().filter(|e| e.eligible(now)).count(), all.len())
-    }
-
     /// Chooses an endpoint other than those in `tried`: among the healthy
-    /// ones if any; else among those whose last health check passed (back
-    /// from the dead, not yet restored); else among all. `None` when
-    /// nothing is left.
+    /// ones if the role has any (none left untried: `None`, and the caller
+    /// fails with the last error rather than try a server known to be
+    /// down); with none healthy, among those whose last health check
+    /// passed (back from the dead, not yet restored), else among all.
     pub fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<Pick> {
         self.pick_from(&self.snapshot(), tried)
     }
@@ -78,58 +72,50 @@ impl RoleSet {
     /// prefillers a request's gateway named.
     pub fn pick_from(&self, all: &[Arc<Endpoint>], tried: &[Arc<Endpoint>]) -> Option<Pick> {
         let now = self.clock.now_ms();
-        let untried = |e: &&Arc<Endpoint>| !tried.iter().any(|t| Arc::ptr_eq(t, e));
-        let healthy = |e: &&Arc<Endpoint>| untried(e) && e.eligible(now);
-        let n = all.iter().filter(healthy).count();
-        if n > 0 {
-            return Some(Pick {
-                endpoint: self.choose(all, healthy, n, now),
+        let untried = |e: &Arc<Endpoint>| !tried.iter().any(|t| Arc::ptr_eq(t, e));
+        // Each endpoint's state is read once: concurrent requests change
+        // it (a half-open probe starts, an ejection lands) while we look.
+        let healthy: Vec<bool> = all.iter().map(|e| e.eligible(now)).collect();
+        if healthy.iter().any(|h| *h) {
+            let candidates: Vec<&Arc<Endpoint>> = all
+                .iter()
+                .zip(&healthy)
+                .filter(|(e, h)| **h && untried(e))
+                .map(|(e, _)| e)
+                .collect();
+            return self.choose(&candidates, now).map(|endpoint| Pick {
+                endpoint,
                 panic: false,
             });
         }
-        let answering = |e: &&Arc<Endpoint>| untried(e) && e.last_check_passed();
-        let n = all.iter().filter(answering).count();
-        if n > 0 {
-            return Some(Pick {
-                endpoint: self.choose(all, answering, n, now),
-                panic: true,
-            });
-        }
-        let n = all.iter().filter(untried).count();
-        (n > 0).then(|| Pick {
-            endpoint: self.choose(all, untried, n, now),
+        let answering: Vec<&Arc<Endpoint>> = all
+            .iter()
+            .filter(|e| untried(e) && e.last_check_passed())
+            .collect();
+        let candidates = if answering.is_empty() {
+            all.iter().filter(|e| untried(e)).collect()
+        } else {
+            answering
+        };
+        self.choose(&candidates, now).map(|endpoint| Pick {
+            endpoint,
             panic: true,
         })
     }
 
-    /// Picks among the `n` endpoints of `all` that pass `candidate`.
-    fn choose(
-        &self,
-        all: &[Arc<Endpoint>],
-        candidate: impl Fn(&&Arc<Endpoint>) -> bool,
-        n: usize,
-        now: u64,
-    ) -> Arc<Endpoint> {
-        let nth = |i: usize| {
-            Arc::clone(
-                all.iter()
-                    .filter(&candidate)
-                    .nth(i)
-                    .expect("n candidates were counted"),
-            )
-        };
-        if n == 1 {
-            return nth(0);
-        }
-        match self.balance {
-            Balance::RoundRobin => nth(self.next.fetch_add(1, Ordering::Relaxed) % n),
-            Balance::LeastLoaded => {
+    fn choose(&self, candidates: &[&Arc<Endpoint>], now: u64) -> Option<Arc<Endpoint>> {
+        let n = candidates.len();
+        let chosen = match (n, self.balance) {
+            (0, _) => return None,
+            (1, _) => candidates[0],
+            (_, Balance::RoundRobin) => candidates[self.next.fetch_add(1, Ordering::Relaxed) % n],
+            (_, Balance::LeastLoaded) => {
                 let i = rand::random_range(0..n);
                 let mut j = rand::random_range(0..n - 1);
                 if j >= i {
                     j += 1;
                 }
-                let (a, b) = (nth(i), nth(j));
+                let (a, b) = (candidates[i], candidates[j]);
                 // Fewer in flight wins; at equal load the faster lately
                 // (which matters most when clients are few and loads are
                 // mostly 0).
@@ -140,7 +126,14 @@ impl RoleSet {
                     a
                 }
             }
-        }
+        };
+        Some(Arc::clone(chosen))
+    }
+
+    /// Endpoints whose health checks pass, and all endpoints.
+    pub fn counts(&self) -> (usize, usize) {
+        let all = self.snapshot();
+        (all.iter().filter(|e| e.passes_checks()).count(), all.len())
     }
 }
 
@@ -205,16 +198,19 @@ mod tests {
     #[test]
     fn with_none_healthy_every_endpoint_is_a_candidate() {
         let (set, eps) = set(Balance::LeastLoaded, 2);
-        eps[0].passive_failure("refused");
+        eps[0].start().failed("refused");
         for _ in 0..20 {
             let pick = set.pick(&[]).unwrap();
             assert!(!pick.panic);
             assert_eq!(pick.endpoint.addr, eps[1].addr);
         }
-        eps[1].passive_failure("refused");
+        // A retry does not fall back to a server known to be down while
+        // another is healthy.
+        assert!(set.pick(std::slice::from_ref(&eps[1])).is_none());
+        eps[1].start().failed("refused");
         let pick = set.pick(&[]).unwrap();
         assert!(pick.panic, "both ejected: panic mode");
-        assert_eq!(set.counts(), (0, 2));
+        assert_eq!(set.counts(), (2, 2), "readiness goes by the checks");
         // Both fail their checks; then one answers again: it is tried
         // first, before its second pass restores it.
         for e in &eps {

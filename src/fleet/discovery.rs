@@ -39,7 +39,10 @@ impl Resolve for SystemResolver {
 pub fn is_own_address(upstream: SocketAddr, own: &[SocketAddr]) -> bool {
     own.iter().any(|o| {
         o.port() == upstream.port()
-            && (o.ip() == upstream.ip() || (o.ip().is_unspecified() && is_local(upstream.ip())))
+            && (o.ip() == upstream.ip()
+                // Connecting to 0.0.0.0 reaches this host.
+                || upstream.ip().is_unspecified()
+                || (o.ip().is_unspecified() && is_local(upstream.ip())))
     })
 }
 
@@ -57,6 +60,7 @@ mod tests {
         assert!(is_own_address("127.0.0.1:8000".parse().unwrap(), &own));
         assert!(!is_own_address("127.0.0.1:8100".parse().unwrap(), &own));
         assert!(!is_own_address("127.0.0.2:8000".parse().unwrap(), &own));
+        assert!(is_own_address("0.0.0.0:8000".parse().unwrap(), &own));
         let any: Vec<SocketAddr> = vec!["0.0.0.0:8000".parse().unwrap()];
         assert!(is_own_address("127.0.0.1:8000".parse().unwrap(), &any));
         assert!(is_own_address("127.0.0.9:8000".parse().unwrap(), &any));

@@ -106,6 +106,12 @@ pub struct Endpoint {
     last_check_passed: AtomicBool,
     /// A passive ejection's end on [`Clock`]; 0 when not ejected.
     ejected_until: AtomicU64,
+    /// When the current passive ejection began: only a request started
+    /// after it may close it.
+    ejected_at: AtomicU64,
+    /// Back from an ejection, the one request allowed through (half-open)
+    /// is under way.
+    probing: AtomicBool,
     /// Passive ejections in a row (no success in between): the back-off's
     /// exponent.
     backoff_level: AtomicU32,
@@ -165,6 +171,8 @@ impl Endpoint {
             active_ok: AtomicBool::new(false),
             last_check_passed: AtomicBool::new(false),
             ejected_until: AtomicU64::new(0),
+            ejected_at: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
             backoff_level: AtomicU32::new(0),
             checks: Mutex::new(Checks::default()),
             in_flight: AtomicU32::new(0),
@@ -179,11 +187,11 @@ impl Endpoint {
     }
 
     /// May take new requests: its checks pass and no passive ejection
-    /// runs at `now_ms`. Back from an ejection, until a request succeeds,
-    /// it takes one request at a time (a half-open circuit breaker): with
-    /// none in flight it would otherwise win every least-loaded draw, and
-    /// a server still dead would draw a burst of requests, each to be
-    /// retried.
+    /// runs at `now_ms`. Back from an ejection, until a request started
+    /// since succeeds, it takes one request at a time (a half-open circuit
+    /// breaker): with nothing in flight it would otherwise win every
+    /// least-loaded draw, and a server still dead would draw a burst of
+    /// requests, each to be retried.
     pub fn eligible(&self, now_ms: u64) -> bool {
         if !self.active_ok.load(Ordering::Relaxed) {
             return false;
@@ -191,8 +199,14 @@ impl Endpoint {
         match self.ejected_until.load(Ordering::Relaxed) {
             0 => true,
             until if now_ms < until => false,
-            _ => self.in_flight.load(Ordering::Relaxed) == 0,
+            _ => !self.probing.load(Ordering::Relaxed),
         }
+    }
+
+    /// The active checks pass: what readiness goes by, so that a request
+    /// that fails now and then does not take the proxy out of its Service.
+    pub fn passes_checks(&self) -> bool {
+        self.active_ok.load(Ordering::Relaxed)
     }
 
     pub fn last_check_passed(&self) -> bool {
@@ -244,11 +258,26 @@ impl Endpoint {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Counts a request sent to this endpoint; the guard counts it out.
+    /// Counts a request sent to this endpoint; the guard counts it out,
+    /// and reports how it went ([`InFlight::succeeded`],
+    /// [`InFlight::failed`]). Back from an ejection, the first request
+    /// claims the half-open probe.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        let now = self.clock.now_ms();
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        let probe = until != 0
+            && now >= until
+            && self
+                .probing
+                .compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        InFlight {
+            endpoint: Arc::clone(self),
+            started_ms: now,
+            probe,
+        }
     }
 
     /// A request to this endpoint failed in a way that another endpoint
@@ -262,10 +291,14 @@ impl Endpoint {
         self.orca_at.store(self.clock.now_ms(), Ordering::Relaxed);
     }
 
-    /// A request got an answer that was not the server's fault: the
-    /// back-off starts over.
-    pub fn passive_success(&self) {
-        if self.ejected_until.load(Ordering::Relaxed) != 0 {
+    /// A request started at `started_ms` got an answer that was not the
+    /// server's fault. One started after the current ejection closes it
+    /// and resets the back-off; one started before proves nothing new.
+    fn passive_success(&self, started_ms: u64) {
+        if self.ejected_until.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        if started_ms > self.ejected_at.load(Ordering::Relaxed) {
             self.ejected_until.store(0, Ordering::Relaxed);
             self.backoff_level.store(0, Ordering::Relaxed);
         }
@@ -275,13 +308,13 @@ impl Endpoint {
     /// for a back-off that doubles with each ejection in a row. Requests
     /// that fail together (all those in flight when a server dies) eject
     /// it once.
-    pub fn passive_failure(&self, why: &str) {
+    fn passive_failure(&self, why: &str) {
         let now = self.clock.now_ms();
         let until = self.ejected_until.load(Ordering::Relaxed);
         if until > now {
             return;
         }
-        let level = self.backoff_level.fetch_add(1, Ordering::Relaxed);
+        let level = self.backoff_level.load(Ordering::Relaxed);
         let backoff = BASE_BACKOFF
             .saturating_mul(1 << level.min(5))
             .min(MAX_BACKOFF);
@@ -293,6 +326,10 @@ impl Endpoint {
         {
             return;
         }
+        // Only the failure that won the exchange moves the back-off.
+        self.ejected_at.store(now, Ordering::Relaxed);
+        self.backoff_level
+            .store(level.saturating_add(1), Ordering::Relaxed);
         self.ejections.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             role = self.role.as_str(),
@@ -375,17 +412,37 @@ pub struct Stats {
 /// One request in flight at an endpoint; dropping it counts the request
 /// out, however it ended. It also keeps a removed endpoint alive until its
 /// last request is done.
-pub struct InFlight(Arc<Endpoint>);
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+    /// When it was sent ([`Clock`] ms).
+    started_ms: u64,
+    /// This request is the half-open probe; dropping it lets another be.
+    probe: bool,
+}
 
 impl InFlight {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.0
+        &self.endpoint
+    }
+
+    /// The server answered (4xx included: the client's fault, not its).
+    pub fn succeeded(&self) {
+        self.endpoint.passive_success(self.started_ms);
+    }
+
+    /// The server refused, reset or failed the request (`why`, for the
+    /// log): passive ejection.
+    pub fn failed(&self, why: &str) {
+        self.endpoint.passive_failure(why);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.probe {
+            self.endpoint.probing.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -425,10 +482,12 @@ mod tests {
     fn passive_ejection_backs_off_and_is_counted_once_per_burst() {
         let e = endpoint();
         e.check_result(true, "");
+        let old = e.start();
         e.passive_failure("refused");
         e.passive_failure("refused");
         assert!(!e.healthy());
         assert_eq!(e.stats().ejections, 1, "one burst, one ejection");
+        assert_eq!(e.backoff_level.load(Ordering::Relaxed), 1);
         let first = e.ejected_until.load(Ordering::Relaxed);
         // As if the back-off ran out: the next failure doubles it.
         e.ejected_until.store(1, Ordering::Relaxed);
@@ -436,17 +495,44 @@ mod tests {
         let second = e.ejected_until.load(Ordering::Relaxed);
         let now = e.clock.now_ms();
         assert!(second - now > first - now + 500, "{first} {second} {now}");
-        // Back from the ejection: one request at a time until one
-        // succeeds.
+        // A request sent before the ejection proves nothing new.
+        old.succeeded();
+        assert!(e.ejected_until.load(Ordering::Relaxed) > 1);
+        drop(old);
+        // Back from the ejection: one request at a time, whatever else was
+        // in flight before, until one started since succeeds.
+        let _older: Vec<_> = (0..3).map(|_| e.start()).collect();
         e.ejected_until.store(1, Ordering::Relaxed);
-        assert!(e.healthy());
+        e.ejected_at.store(0, Ordering::Relaxed);
         let probe = e.start();
-        assert!(!e.healthy(), "half-open: the probe is the only request");
+        assert!(!e.healthy(), "half-open: the probe is under way");
         drop(probe);
-        e.passive_success();
+        assert!(
+            e.healthy(),
+            "the probe ended without a verdict: another may go"
+        );
+        let probe = e.start();
+        probe.succeeded();
         assert_eq!(e.backoff_level.load(Ordering::Relaxed), 0);
-        let _a = e.start();
         assert!(e.healthy(), "closed again after a success");
+    }
+
+    #[test]
+    fn failures_together_raise_the_back_off_once() {
+        let e = endpoint();
+        e.check_result(true, "");
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| e.passive_failure("reset"));
+            }
+        });
+        assert_eq!(e.stats().ejections, 1);
+        assert_eq!(e.backoff_level.load(Ordering::Relaxed), 1);
+        let until = e.ejected_until.load(Ordering::Relaxed);
+        assert!(
+            until - e.clock.now_ms() <= 1_000,
+            "the first back-off is 1 s"
+        );
     }
 
     #[test]

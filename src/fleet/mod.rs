@@ -45,6 +45,10 @@ pub const MAX_HEADER_PREFILLERS: usize = 16;
 /// in-flight counts and ejections carry from one request to the next.
 const MAX_VOUCHED: usize = 1024;
 
+/// Resolutions of one name that fail in a row before its last answer is
+/// dropped (30 s at the default interval).
+const STALE_AFTER_FAILURES: u32 = 6;
+
 /// The longest a resolution may take; past it the last answer stands.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -66,6 +70,8 @@ pub struct Fleet {
     /// failed resolution keeps it, so a DNS hiccup does not empty the
     /// fleet; servers that are really gone fail their checks instead.
     answers: Mutex<[Vec<Vec<IpAddr>>; 2]>,
+    /// Failed resolutions in a row, per target (same order).
+    failures: Mutex<[Vec<u32>; 2]>,
     discovery_errors: AtomicU64,
     /// `--allowed-prefillers`.
     allowed_prefillers: Vec<IpNet>,
@@ -88,6 +94,10 @@ impl Fleet {
             prefillers: RoleSet::new(Role::Prefiller, config.balance, clock),
             decoders: RoleSet::new(Role::Decoder, config.balance, clock),
             answers: Mutex::new([literal(&config.prefillers), literal(&config.decoders)]),
+            failures: Mutex::new([
+                vec![0; config.prefillers.len()],
+                vec![0; config.decoders.len()],
+            ]),
             prefiller_targets: config.prefillers.clone(),
             decoder_targets: config.decoders.clone(),
             resolver,
@@ -166,10 +176,25 @@ impl Fleet {
             let answers = join_all(targets.iter().map(|t| self.resolve(t))).await;
             {
                 let mut known = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
-                let known = &mut known[role as usize];
+                let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+                let (known, failures) = (&mut known[role as usize], &mut failures[role as usize]);
                 for (i, answer) in answers.into_iter().enumerate() {
-                    if let Some(ips) = answer {
-                        known[i] = ips;
+                    match answer {
+                        Some(ips) => {
+                            known[i] = ips;
+                            failures[i] = 0;
+                        }
+                        // A name that keeps failing is gone (a headless
+                        // Service scaled to zero answers NXDOMAIN): its
+                        // last answer stands only so long, since pod
+                        // addresses are reused by other pods.
+                        None => {
+                            failures[i] += 1;
+                            if failures[i] >= STALE_AFTER_FAILURES && !known[i].is_empty() {
+                                tracing::warn!(host = %targets[i].host, rounds = failures[i], "resolution keeps failing; dropping its last answer");
+                                known[i].clear();
+                            }
+                        }
                     }
                 }
             }
@@ -188,6 +213,11 @@ impl Fleet {
             Ok(Ok(mut ips)) => {
                 ips.sort();
                 ips.dedup();
+                // `localhost` answers 127.0.0.1 and ::1 on most systems:
+                // one server, not two endpoints.
+                if ips.iter().any(|ip| *ip == IpAddr::from([127, 0, 0, 1])) {
+                    ips.retain(|ip| *ip != IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
+                }
                 Some(ips)
             }
             Ok(Err(e)) => {
@@ -270,6 +300,9 @@ impl Fleet {
     /// One active health check: vLLM's `GET /health` answers 200 while the
     /// engine lives, 503 once it died.
     pub async fn check(&self, endpoint: &Arc<Endpoint>) {
+        // A round waits for its slowest check: no check may outlast the
+        // interval, or one hung server would delay every other's verdict.
+        let limit = self.health_timeout.min(self.health_interval);
         let call = async {
             let response = self
                 .client
@@ -280,7 +313,7 @@ impl Fleet {
             // The body is empty; reading it returns the connection to the
             // pool.
             let _ = timeout(
-                self.health_timeout,
+                limit,
                 http_body_util::BodyExt::collect(response.into_body()),
             )
             .await;
@@ -290,10 +323,10 @@ impl Fleet {
                 Err(format!("GET /health answered {status}"))
             }
         };
-        let verdict = match timeout(self.health_timeout, call).await {
+        let verdict = match timeout(limit, call).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(format!("no answer in {:?}", self.health_timeout)),
+            Err(_) => Err(format!("no answer in {limit:?}")),
         };
         match verdict {
             Ok(()) => endpoint.check_result(true, ""),
