@@ -138,14 +138,7 @@ impl Proxy {
     }
 
     async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        get_text(&self.client, &format!("{}/metrics", self.url)).await
     }
 
     async fn ready(&self) -> u16 {

@@ -130,13 +130,6 @@ async fn post_event(telemetry_url: &str, ids: Vec<String>) -> Value {
         .unwrap()
 }
 
-fn forwarded(m: &str, outcome: &str) -> f64 {
-    metric_value(
-        m,
-        &format!("pd_proxy_telemetry_forwarded_ids_total{{outcome=\"{outcome}\"}}"),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_for_another_replicas_requests_are_forwarded_to_it() {
     let (replicas, prefiller, _decoder) = three(SimConfig::default(), &[]).await;

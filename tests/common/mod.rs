@@ -216,3 +216,17 @@ pub fn assert_openai_error(body: &serde_json::Value, code: u16) -> String {
     assert_eq!(err["code"], code, "{body}");
     err["message"].as_str().unwrap().to_owned()
 }
+
+/// Telemetry ids forwarded to another replica with `outcome`, from a
+/// metrics page.
+pub fn forwarded(metrics: &str, outcome: &str) -> f64 {
+    metric_value(
+        metrics,
+        &format!("pd_proxy_telemetry_forwarded_ids_total{{outcome=\"{outcome}\"}}"),
+    )
+}
+
+/// A GET's body as text.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
