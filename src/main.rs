@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use pd_proxy::{App, Args, ListenAddrs, Listeners};
 
 /// jemalloc, configured in `.cargo/config.toml` to hand freed pages back
@@ -14,7 +14,13 @@ use pd_proxy::{App, Args, ListenAddrs, Listeners};
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let key_on_command_line =
+        matches.value_source("cluster_key") == Some(clap::parser::ValueSource::CommandLine);
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
     let (config, addrs) = match args.resolve(std::env::var("OPENAI_API_KEY").ok()) {
         Ok(resolved) => resolved,
         Err(message) => {
@@ -30,6 +36,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if key_on_command_line {
+        tracing::warn!(
+            "the cluster key is on the command line, where `ps` shows it to every user of this host: prefer PD_PROXY_CLUSTER_KEY or --cluster-key-file"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
