@@ -1,5 +1,5 @@
-"""Shared state of the real-stack e2e: the stack's addresses and the
-per-request external-KV counts, printed at the end of the run."""
+"""Shared state of the real-stack e2e: the stack's addresses, and the
+per-request external-KV counts and notes printed at the end of the run."""
 
 import os
 
@@ -50,14 +50,15 @@ def stack() -> Stack:
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not RESULTS:
-        return
     tr = terminalreporter
-    tr.section("external KV per request (decoder's external_kv_transfer delta)")
-    tr.write_line(f"{'#':>2}  {'request':<28} {'prompt tok':>10} {'external KV tok':>15} {'seconds':>8}")
-    for i, (kind, prompt, ext, secs) in enumerate(RESULTS, 1):
-        tr.write_line(f"{i:>2}  {kind:<28} {prompt:>10} {ext:>15} {secs:>8.2f}")
-    total = sum(r[2] for r in RESULTS)
-    tr.write_line(f"    {len(RESULTS)} requests through pd-proxy, {total} external KV tokens in all")
+    if RESULTS:
+        tr.section("external KV per request (decoder's external_kv_transfer delta)")
+        tr.write_line(f"{'#':>2}  {'request':<28} {'prompt tok':>10} {'external KV tok':>15} {'seconds':>8}")
+        for i, (kind, prompt, ext, secs) in enumerate(RESULTS, 1):
+            tr.write_line(f"{i:>2}  {kind:<28} {prompt:>10} {ext:>15} {secs:>8.2f}")
+        total = sum(r[2] for r in RESULTS)
+        tr.write_line(f"    {len(RESULTS)} requests through pd-proxy, {total} external KV tokens in all")
+    elif NOTES:
+        tr.section("notes")
     for note in NOTES:
         tr.write_line(note)
