@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Uri};
 use http_body_util::BodyExt;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::{ForwardOutcome, Metrics};
 use crate::upstream::{self, HttpClient};
@@ -51,36 +51,57 @@ pub struct Job {
 pub struct Forwarder {
     queue: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
+    client: HttpClient,
+    /// Forwards in flight; a job that finds one free is sent at once from
+    /// the telemetry handler, the others wait in the queue.
+    permits: Arc<Semaphore>,
     /// Bytes of the jobs queued or in flight.
     queued: Arc<AtomicUsize>,
 }
 
 impl Forwarder {
-    /// The forwarder and the task that sends its jobs; the task ends when
-    /// the forwarder is dropped.
+    /// The forwarder and the task that sends the jobs that had to queue;
+    /// the task ends when the forwarder is dropped.
     pub fn new(
         client: HttpClient,
         metrics: Arc<Metrics>,
     ) -> (Self, impl std::future::Future<Output = ()>) {
         let (queue, jobs) = mpsc::channel(QUEUE);
-        let queued = Arc::new(AtomicUsize::new(0));
-        let task = run(jobs, client, Arc::clone(&metrics), Arc::clone(&queued));
-        (
-            Forwarder {
-                queue,
-                metrics,
-                queued,
-            },
-            task,
-        )
+        let forwarder = Forwarder {
+            queue,
+            metrics,
+            client,
+            permits: Arc::new(Semaphore::new(IN_FLIGHT)),
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        let task = run(
+            jobs,
+            forwarder.client.clone(),
+            Arc::clone(&forwarder.metrics),
+            Arc::clone(&forwarder.permits),
+            Arc::clone(&forwarder.queued),
+        );
+        (forwarder, task)
     }
 
-    /// Queues a job; a full queue drops it (counted).
+    /// Sends a job now if a forward slot is free (no hop through the
+    /// queue's task: under load every hand-over is a wait for a core),
+    /// else queues it; a full queue drops it (counted).
     pub fn send(&self, job: Job) {
         let (ids, bytes) = (job.ids as u64, job.body.len());
         if self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes > QUEUE_BYTES {
             self.queued.fetch_sub(bytes, Ordering::Relaxed);
             return self.metrics.forwarded(ForwardOutcome::QueueFull, ids);
+        }
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+            spawn_delivery(
+                self.client.clone(),
+                Arc::clone(&self.metrics),
+                Arc::clone(&self.queued),
+                permit,
+                job,
+            );
+            return;
         }
         if self.queue.try_send(job).is_err() {
             self.queued.fetch_sub(bytes, Ordering::Relaxed);
@@ -89,24 +110,39 @@ impl Forwarder {
     }
 }
 
+fn spawn_delivery(
+    client: HttpClient,
+    metrics: Arc<Metrics>,
+    queued: Arc<AtomicUsize>,
+    permit: OwnedSemaphorePermit,
+    job: Job,
+) {
+    tokio::spawn(async move {
+        let bytes = job.body.len();
+        deliver(&client, &metrics, job).await;
+        queued.fetch_sub(bytes, Ordering::Relaxed);
+        drop(permit);
+    });
+}
+
 async fn run(
     mut jobs: mpsc::Receiver<Job>,
     client: HttpClient,
     metrics: Arc<Metrics>,
+    permits: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
 ) {
-    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(job) = jobs.recv().await {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
         };
-        let (client, metrics, queued) = (client.clone(), Arc::clone(&metrics), Arc::clone(&queued));
-        tokio::spawn(async move {
-            let bytes = job.body.len();
-            deliver(&client, &metrics, job).await;
-            queued.fetch_sub(bytes, Ordering::Relaxed);
-            drop(permit);
-        });
+        spawn_delivery(
+            client.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&queued),
+            permit,
+            job,
+        );
     }
 }
 

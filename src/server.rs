@@ -219,9 +219,10 @@ enum Port {
     Api,
     /// LMCache's telemetry: every event comes on a fresh connection
     /// (Python urllib, `Connection: close`), so the per-connection cost is
-    /// the per-event cost. Plain HTTP/1.1, no protocol detection, and no
-    /// TCP_NODELAY (the one reply is written whole, then the connection
-    /// closes).
+    /// the per-event cost. Plain HTTP/1.1, no protocol detection.
+    /// TCP_NODELAY all the same: other replicas forward events over
+    /// keep-alive connections, where a reply held back by Nagle behind a
+    /// delayed ACK would stall the next forward.
     Telemetry,
 }
 
@@ -274,13 +275,13 @@ async fn serve_port(
             () = stopped(&mut stop) => break,
         };
         let service = TowerToHyperService::new(router.clone());
+        let _ = tcp.set_nodelay(true);
         if port == Port::Telemetry {
             let connection =
                 graceful.watch(builders.http1.serve_connection(TokioIo::new(tcp), service));
             tokio::spawn(connection);
             continue;
         }
-        let _ = tcp.set_nodelay(true);
         let (builders, watcher, mut stop) =
             (Arc::clone(&builders), graceful.watcher(), stop.clone());
         tokio::spawn(async move {

@@ -165,18 +165,26 @@ pub async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes
             }
         }
     }
+    let whole = remote.len() == 1 && remote[0].1.len() == total;
     for (owner, group) in remote {
-        let body = serde_json::json!({
-            "event": payload.event,
-            "request_ids_set": group,
-            "model_name": payload.model_name,
-            "world_size": payload.world_size,
-            "kv_rank": payload.kv_rank,
-        });
+        // An event all of whose ids are one owner's (LMCache posts one
+        // event per request) goes on as it came.
+        let body = if whole {
+            body.clone()
+        } else {
+            let event = serde_json::json!({
+                "event": payload.event,
+                "request_ids_set": group,
+                "model_name": payload.model_name,
+                "world_size": payload.world_size,
+                "kv_rank": payload.kv_rank,
+            });
+            Bytes::from(event.to_string())
+        };
         app.forwarder.send(Job {
             owner,
             ids: group.len(),
-            body: Bytes::from(body.to_string()),
+            body,
             received,
         });
     }
