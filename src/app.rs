@@ -66,6 +66,10 @@ impl App {
         // Before `set_routing` (nothing is served yet) the plain form is
         // answered but not kept, so the routing decided later stands.
         static PLAIN: Ids = Ids::local();
+        debug_assert!(
+            self.config.cluster_key.is_none() || self.ids.get().is_some(),
+            "with a cluster key, ids are decided by set_routing (serve) before any is made"
+        );
         self.ids.get().unwrap_or(&PLAIN)
     }
 
@@ -81,14 +85,20 @@ impl App {
         let ids = match &self.config.cluster_key {
             None => Ids::local(),
             Some(key) => {
+                let reachable = |ip: IpAddr| !ip.is_unspecified() && !ip.is_multicast();
+                let bound = reachable(telemetry.ip()).then_some(telemetry);
+                let pod = pod_ip
+                    .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
+                    .filter(|ip| reachable(*ip) && !ip.is_loopback())
+                    .map(|ip| SocketAddr::new(ip, telemetry.port()));
+                // A loopback bind names no address another host can use:
+                // POD_IP goes first then (loopback stays for one host).
                 let me = self
                     .config
                     .advertise_telemetry
-                    .or_else(|| (!telemetry.ip().is_unspecified()).then_some(telemetry))
-                    .or_else(|| {
-                        let ip = pod_ip?.trim().parse::<IpAddr>().ok()?;
-                        Some(SocketAddr::new(ip, telemetry.port()))
-                    })
+                    .or(bound.filter(|b| !b.ip().is_loopback()))
+                    .or(pod)
+                    .or(bound)
                     .ok_or_else(|| {
                         format!(
                             "with a cluster key, ids must name an address where this replica's telemetry listener ({telemetry}) is reachable: set --advertise-telemetry IP:PORT or POD_IP"

@@ -136,6 +136,13 @@ async fn run(
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
         };
+        // A job that waited past the forward timeout is worth nothing to
+        // its owner any more; sending it would only delay fresher ones.
+        if job.received.elapsed() > TIMEOUT {
+            queued.fetch_sub(job.body.len(), Ordering::Relaxed);
+            metrics.forwarded(ForwardOutcome::QueueFull, job.ids as u64);
+            continue;
+        }
         spawn_delivery(
             client.clone(),
             Arc::clone(&metrics),

@@ -68,11 +68,17 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
     let id = RequestId::random();
     // The id as the engines and the client see it (with a cluster key, the
     // owner-routed form), so one string finds the request in every log.
-    let span = tracing::info_span!("request", id = %app.ids().wire(id), api = api.as_str());
+    let wire = id_header(&app, id);
+    let span = tracing::info_span!(
+        "request",
+        id = wire.to_str().unwrap_or_default(),
+        api = api.as_str()
+    );
     let mut log = RequestLog::new(Arc::clone(&app), api, span.clone());
     let ask = Ask {
         api,
         id,
+        wire: &wire,
         auth: auth.as_ref(),
         prefillers: None,
     };
@@ -84,9 +90,7 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
             err.into_response()
         }
     };
-    response
-        .headers_mut()
-        .insert(X_REQUEST_ID.clone(), id_header(&app, id));
+    response.headers_mut().insert(X_REQUEST_ID.clone(), wire);
     response
 }
 
@@ -118,8 +122,11 @@ fn refuse_loop(app: &App, headers: &HeaderMap) -> Option<Response> {
 #[derive(Clone, Copy)]
 struct Ask<'a> {
     api: Api,
-    /// Goes upstream as `X-Request-Id`.
+    /// Parks the request.
     id: RequestId,
+    /// The id as it goes upstream in `X-Request-Id` and back to the
+    /// client (with a cluster key, signed: made once).
+    wire: &'a HeaderValue,
     auth: Option<&'a HeaderValue>,
     /// The prefillers the request's gateway named, if it did.
     prefillers: Option<&'a [Arc<Endpoint>]>,
@@ -343,7 +350,7 @@ async fn prefill(
             uri(&prefiller, ask.api),
             body.clone(),
             ask.auth,
-            Some((X_REQUEST_ID.as_str(), id_header(app, ask.id))),
+            Some((X_REQUEST_ID.as_str(), ask.wire.clone())),
         );
         req.headers_mut().insert(
             upstream::LOAD_FORMAT_HEADER.clone(),
@@ -504,7 +511,7 @@ async fn decode(app: &App, ask: Ask<'_>, raw: Bytes) -> Result<DecoderAnswer, Pr
             uri(&decoder, ask.api),
             raw.clone(),
             ask.auth,
-            Some((X_REQUEST_ID.as_str(), id_header(app, ask.id))),
+            Some((X_REQUEST_ID.as_str(), ask.wire.clone())),
         );
         let in_flight = decoder.start();
         let tried_at = Instant::now();

@@ -22,6 +22,10 @@ use crate::metrics::ForwardOutcome;
 use crate::owner::{Owner, ROUTED_LEN};
 use crate::pending::{Recorded, ID_LEN, MAX_WORLD_SIZE};
 
+/// The largest event forwarded byte for byte; larger ones are rebuilt
+/// from their ids.
+const VERBATIM_MAX: usize = 4096;
+
 /// The one event that releases requests.
 pub const STORE_FINISHED: &str = "request_store_finished";
 
@@ -165,10 +169,11 @@ pub async fn handle(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes
             }
         }
     }
-    let whole = remote.len() == 1 && remote[0].1.len() == total;
+    // An event all of whose ids are one owner's (LMCache posts one event
+    // per request) goes on as it came, if it is no bigger than such an
+    // event: padding must not ride along.
+    let whole = remote.len() == 1 && remote[0].1.len() == total && body.len() <= VERBATIM_MAX;
     for (owner, group) in remote {
-        // An event all of whose ids are one owner's (LMCache posts one
-        // event per request) goes on as it came.
         let body = if whole {
             body.clone()
         } else {

@@ -956,7 +956,12 @@ async fn a_prefiller_header_outside_the_fleet_and_allow_list_is_a_400() {
     )
     .await;
     let own = s.url.trim_start_matches("http://").to_owned();
-    let many = vec!["10.0.0.1:8100"; 17].join(",");
+    let many = (1..=17)
+        .map(|i| format!("10.0.0.{i}:8100"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (own_ip, own_port) = own.rsplit_once(':').unwrap();
+    let mapped_own = format!("[::ffff:{own_ip}]:{own_port}");
     for bad in [
         "127.0.0.9:8100",
         "192.168.1.1:8100",
@@ -968,6 +973,8 @@ async fn a_prefiller_header_outside_the_fleet_and_allow_list_is_a_400() {
         " , ",
         many.as_str(),
         own.as_str(),
+        mapped_own.as_str(),
+        "[fe80::1%2]:8100",
     ] {
         let resp = s
             .client

@@ -9,7 +9,7 @@
 //!
 //! Needs root and iproute2 (`ip netns`, veth, bridge). Where namespaces
 //! cannot be made the test prints `skipped: <why>` on stderr and returns;
-//! with `PD_PROXY_NETNS_REQUIRED=1` (CI, as root) that is a failure instead.
+//! with `PD_PROXY_NETNS_REQUIRED=1` that is a failure instead.
 //!
 //! Layout (the bridge lives in a namespace of its own, so the host's
 //! firewall never sees the traffic between the namespaces; the test process

@@ -158,12 +158,13 @@ async fn events_for_another_replicas_requests_are_forwarded_to_it() {
         );
         assert!(r.app.pending.is_empty());
     }
+    // Counted once the owner's reply is back, which may be after the
+    // client's answer.
+    wait_until("replica 0 forwarded the others' 8 events", || async {
+        forwarded(&replicas[0].metrics().await, "delivered") == 8.0
+    })
+    .await;
     let m0 = replicas[0].metrics().await;
-    assert_eq!(
-        forwarded(&m0, "delivered"),
-        8.0,
-        "replica 0 forwarded the others' 8 events"
-    );
     assert!(
         m0.contains("pd_proxy_telemetry_forward_seconds_count 8"),
         "{m0}"
@@ -190,9 +191,13 @@ async fn ids_a_sender_makes_up_are_dropped_and_counted() {
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     let r0 = &replicas[0];
     // That request's own event went through replica 0: delivered once.
-    assert_eq!(forwarded(&r0.metrics().await, "delivered"), 1.0);
+    wait_until("the request's own event is delivered", || async {
+        forwarded(&r0.metrics().await, "delivered") == 1.0
+    })
+    .await;
 
-    // Every digit changed in turn: the MAC fails, nothing is forwarded.
+    // Every 7th digit changed in turn (owner.rs's unit test changes every
+    // one): the MAC fails, nothing is forwarded.
     let mut forged = Vec::new();
     for i in (0..id.len()).step_by(7) {
         let mut bytes = id.clone().into_bytes();
@@ -200,7 +205,7 @@ async fn ids_a_sender_makes_up_are_dropped_and_counted() {
         forged.push(format!("chatcmpl-{}", String::from_utf8(bytes).unwrap()));
     }
     let n = forged.len() as f64;
-    // Made with another key, pointing at an address of the sender's choice.
+    // Made with another key (another cluster's replica).
     let other = Replica::start(1, 2, &["--cluster-key", "some other key, also 32 bytes!!"]).await;
     let foreign = other.app.ids().wire(pd_proxy::pending::RequestId::random());
     forged.push(format!("chatcmpl-{foreign}"));

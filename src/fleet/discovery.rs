@@ -37,7 +37,9 @@ impl Resolve for SystemResolver {
 /// unspecified address takes every local address, which a bind test
 /// recognises without listing interfaces.
 pub fn is_own_address(upstream: SocketAddr, own: &[SocketAddr]) -> bool {
+    let upstream = SocketAddr::new(upstream.ip().to_canonical(), upstream.port());
     own.iter().any(|o| {
+        let o = SocketAddr::new(o.ip().to_canonical(), o.port());
         o.port() == upstream.port()
             && (o.ip() == upstream.ip()
                 // Connecting to 0.0.0.0 reaches this host.
@@ -61,6 +63,10 @@ mod tests {
         assert!(!is_own_address("127.0.0.1:8100".parse().unwrap(), &own));
         assert!(!is_own_address("127.0.0.2:8000".parse().unwrap(), &own));
         assert!(is_own_address("0.0.0.0:8000".parse().unwrap(), &own));
+        assert!(is_own_address(
+            "[::ffff:127.0.0.1]:8000".parse().unwrap(),
+            &own
+        ));
         let any: Vec<SocketAddr> = vec!["0.0.0.0:8000".parse().unwrap()];
         assert!(is_own_address("127.0.0.1:8000".parse().unwrap(), &any));
         assert!(is_own_address("127.0.0.9:8000".parse().unwrap(), &any));

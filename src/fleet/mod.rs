@@ -349,10 +349,19 @@ impl Fleet {
         if entries.is_empty() {
             return Err("x-prefiller-host-port names no prefiller".into());
         }
-        if entries.len() > MAX_HEADER_PREFILLERS {
+        if entries.len() > 4 * MAX_HEADER_PREFILLERS {
+            return Err(format!(
+                "x-prefiller-host-port has {} entries; at most {MAX_HEADER_PREFILLERS} prefillers",
+                entries.len()
+            ));
+        }
+        let mut distinct = entries.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() > MAX_HEADER_PREFILLERS {
             return Err(format!(
                 "x-prefiller-host-port names {} prefillers; at most {MAX_HEADER_PREFILLERS}",
-                entries.len()
+                distinct.len()
             ));
         }
         let known = self.prefillers.snapshot();
@@ -364,10 +373,15 @@ impl Fleet {
         let mut chosen: Vec<Arc<Endpoint>> = Vec::with_capacity(entries.len());
         for entry in entries {
             let shown: String = entry.chars().take(64).collect();
+            // No zone ids (the client would pick the interface), and
+            // IPv4-mapped IPv6 compared as the IPv4 address it is.
             let addr: SocketAddr = entry
                 .parse()
                 .ok()
-                .filter(|a: &SocketAddr| a.port() != 0)
+                .filter(|a: &SocketAddr| {
+                    a.port() != 0 && !matches!(a, SocketAddr::V6(v6) if v6.scope_id() != 0)
+                })
+                .map(|a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port()))
                 .ok_or_else(|| {
                     format!("x-prefiller-host-port: {shown:?} is not an IP address and port")
                 })?;
