@@ -60,7 +60,6 @@ pub struct Ids {
 struct Routed {
     mac: HmacSha256,
     /// This replica's telemetry address, as written into its ids.
-    me: SocketAddr,
     me_bytes: [u8; ADDR_BYTES],
 }
 
@@ -84,7 +83,6 @@ impl Ids {
         Ok(Ids {
             routed: Some(Routed {
                 mac,
-                me,
                 me_bytes: addr_bytes(me),
             }),
         })
@@ -92,11 +90,6 @@ impl Ids {
 
     pub fn is_routed(&self) -> bool {
         self.routed.is_some()
-    }
-
-    /// This replica's own telemetry address in its ids, if routed.
-    pub fn me(&self) -> Option<SocketAddr> {
-        self.routed.as_ref().map(|r| r.me)
     }
 
     /// The id as it goes upstream in `X-Request-Id`.

@@ -49,14 +49,7 @@ fn flags_come_from_the_environment_too() {
 
 #[test]
 fn serves_on_ports_given_by_environment() {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (port, telemetry) = (free(), free());
+    let (port, telemetry) = (free_port(), free_port());
     let mut child = Command::new(BIN)
         .env("PD_PROXY_HOST", "127.0.0.1")
         .env("PD_PROXY_PORT", port.to_string())

@@ -12,11 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use common::*;
 use pd_proxy::fleet::Resolve;
 use pd_proxy::sim::{Running, Sim, SimConfig};
-use pd_proxy::{App, Args, Listeners};
+use pd_proxy::App;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -107,19 +106,9 @@ impl Proxy {
         public: TcpListener,
         telemetry: TcpListener,
     ) -> Proxy {
-        let mut argv = vec!["pd-proxy".to_owned()];
-        argv.extend(flags);
-        let (config, _) = Args::try_parse_from(argv).unwrap().resolve(None).unwrap();
-        let app = App::with_resolver(config, dns);
+        let app = App::with_resolver(config(flags), dns);
         let url = format!("http://{}", public.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(pd_proxy::serve(
-            Listeners { public, telemetry },
-            Arc::clone(&app),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let (stop, _) = serve_app(Arc::clone(&app), public, telemetry);
         Proxy {
             url,
             app,

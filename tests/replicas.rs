@@ -7,10 +7,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use common::*;
 use pd_proxy::sim::{Sim, SimConfig};
-use pd_proxy::{App, Args, Listeners};
+use pd_proxy::App;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -28,29 +27,15 @@ impl Replica {
     async fn start(prefill_port: u16, decode_port: u16, extra: &[&str]) -> Replica {
         let public = bind().await;
         let telemetry = bind().await;
-        let mut argv: Vec<String> = vec!["pd-proxy".into()];
-        argv.extend(upstream_flags(
-            "127.0.0.1",
-            prefill_port,
-            "127.0.0.1",
-            decode_port,
-        ));
-        argv.extend(extra.iter().map(|s| s.to_string()));
-        let (config, _) = Args::try_parse_from(argv).unwrap().resolve(None).unwrap();
-        let app = App::new(config);
+        let mut flags = upstream_flags("127.0.0.1", prefill_port, "127.0.0.1", decode_port);
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let app = App::new(config(flags));
         let url = format!("http://{}", public.local_addr().unwrap());
         let telemetry_url = format!(
             "http://{}/api/v1/telemetry",
             telemetry.local_addr().unwrap()
         );
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(pd_proxy::serve(
-            Listeners { public, telemetry },
-            Arc::clone(&app),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let (stop, server) = serve_app(Arc::clone(&app), public, telemetry);
         // Serving: its ids are decided.
         let health = format!("{url}/health");
         wait_until("the replica serves", || async {

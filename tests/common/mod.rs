@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use pd_proxy::sim::{Sim, SimConfig};
-use pd_proxy::{App, Args, Listeners};
+use pd_proxy::{App, Args, Config, Listeners};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -88,22 +88,12 @@ pub async fn start_with(
     tokio::spawn(Arc::clone(&prefiller).serve_prefiller(p));
     tokio::spawn(Arc::clone(&decoder).serve_decoder(d));
 
-    let upstream_flags =
+    let mut flags =
         ports(pp, dp).unwrap_or_else(|| upstream_flags("127.0.0.1", pp, "127.0.0.1", dp));
-    let mut argv: Vec<String> = vec!["pd-proxy".into()];
-    argv.extend(upstream_flags);
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    let (config, _) = Args::try_parse_from(argv).unwrap().resolve(None).unwrap();
-    let app = App::new(config);
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let app = App::new(config(flags));
     let url = format!("http://{}", public.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(pd_proxy::serve(
-        Listeners { public, telemetry },
-        Arc::clone(&app),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (stop, server) = serve_app(Arc::clone(&app), public, telemetry);
     Stack {
         url,
         telemetry_url: format!("http://{telemetry_addr}/api/v1/telemetry"),
@@ -114,6 +104,33 @@ pub async fn start_with(
         stop: Some(stop),
         server: Some(server),
     }
+}
+
+/// The proxy's configuration from its flags, parsed as the binary does.
+pub fn config(flags: Vec<String>) -> Config {
+    let mut argv: Vec<String> = vec!["pd-proxy".into()];
+    argv.extend(flags);
+    Args::try_parse_from(argv).unwrap().resolve(None).unwrap().0
+}
+
+/// Serves `app` on the two listeners until the sender fires or is dropped.
+pub fn serve_app(
+    app: Arc<App>,
+    public: TcpListener,
+    telemetry: TcpListener,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(pd_proxy::serve(
+        Listeners { public, telemetry },
+        app,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (stop, server)
 }
 
 impl Stack {
