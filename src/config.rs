@@ -191,6 +191,102 @@ pub struct Args {
     /// address when concrete, else $POD_IP and the telemetry port].
     #[arg(long, env = "PD_PROXY_ADVERTISE_TELEMETRY", value_name = "IP:PORT")]
     pub advertise_telemetry: Option<String>,
+    /// Keys clients must send as `Authorization: Bearer KEY` on every API
+    /// route, comma separated. Better given as PD_PROXY_API_KEY or
+    /// --api-key-file than here, where `ps` shows them. Without any, the
+    /// API is open.
+    #[arg(
+        long,
+        env = "PD_PROXY_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ',',
+        value_name = "KEY"
+    )]
+    pub api_key: Vec<String>,
+    /// File of client keys, one per line (a Kubernetes Secret mounted as a
+    /// file); blank lines and lines starting with `#` are skipped.
+    #[arg(long, env = "PD_PROXY_API_KEY_FILE", value_name = "PATH")]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Serve `/metrics` on this port as well, without a key, for a
+    /// scraper that holds none; on the API port it then still needs one.
+    #[arg(long, env = "PD_PROXY_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// The token LMCache must send as `?token=` on the telemetry URL
+    /// (`LMCACHE_REQUEST_TELEMETRY_ENDPOINT=http://proxy:5768/api/v1/telemetry?token=...`);
+    /// other posts are refused with 403. Better given as
+    /// PD_PROXY_TELEMETRY_TOKEN or --telemetry-token-file.
+    #[arg(
+        long,
+        env = "PD_PROXY_TELEMETRY_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub telemetry_token: Option<String>,
+    /// File holding the telemetry token; surrounding whitespace is ignored.
+    #[arg(long, env = "PD_PROXY_TELEMETRY_TOKEN_FILE", value_name = "PATH")]
+    pub telemetry_token_file: Option<std::path::PathBuf>,
+    /// Largest request body accepted (413 past it). The default keeps a
+    /// few requests at the limit within the sidecar's 512 MiB: one costs
+    /// at most about three times its body while it is parsed.
+    #[arg(
+        long,
+        env = "PD_PROXY_MAX_BODY_BYTES",
+        default_value_t = 32 << 20,
+        value_name = "BYTES"
+    )]
+    pub max_body_bytes: usize,
+    /// Longest time a client may take to send a request body (408 past it).
+    #[arg(
+        long,
+        env = "PD_PROXY_BODY_TIMEOUT",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
+    pub body_timeout: f64,
+    /// Longest silence inside a decoder's stream once it has started; the
+    /// client then gets an SSE error event and `[DONE]`.
+    #[arg(
+        long,
+        env = "PD_PROXY_STREAM_IDLE_TIMEOUT",
+        default_value_t = 60.0,
+        value_name = "SECONDS"
+    )]
+    pub stream_idle_timeout: f64,
+    /// Longest time a client may leave sent bytes unread (its receive
+    /// window full) before its connection, and the decoder's, are closed.
+    #[arg(
+        long,
+        env = "PD_PROXY_SEND_TIMEOUT",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
+    pub send_timeout: f64,
+    /// An API connection with no request in progress is closed after this
+    /// long (HTTP/1.1 keep-alive and HTTP/2 alike).
+    #[arg(
+        long,
+        env = "PD_PROXY_IDLE_TIMEOUT",
+        default_value_t = 60.0,
+        value_name = "SECONDS"
+    )]
+    pub idle_timeout: f64,
+    /// Most requests parked at once waiting for their KV; past it, 503
+    /// with Retry-After.
+    #[arg(long, env = "PD_PROXY_MAX_PENDING", default_value_t = 8192)]
+    pub max_pending: usize,
+    /// Most open connections on the API port; past it new ones get 503.
+    /// The telemetry port has its own, separate allowance.
+    #[arg(long, env = "PD_PROXY_MAX_CONNECTIONS", default_value_t = 8192)]
+    pub max_connections: usize,
+    /// After SIGTERM: how long in-flight requests may take to finish
+    /// before they are cut. A second signal ends at once.
+    #[arg(
+        long,
+        env = "PD_PROXY_DRAIN_TIMEOUT",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
+    pub drain_timeout: f64,
 }
 
 /// One `--*-host` entry with its port, as configured: an IP address is one
@@ -270,6 +366,19 @@ pub struct Config {
     /// `--cluster-key` (or its file): owner-routed ids.
     pub cluster_key: Option<Vec<u8>>,
     pub advertise_telemetry: Option<SocketAddr>,
+    /// Client keys (`--api-key`, its env and file); empty: the API is open.
+    pub api_keys: Vec<String>,
+    pub metrics_port: Option<u16>,
+    /// `--telemetry-token`: the `?token=` every telemetry post must carry.
+    pub telemetry_token: Option<String>,
+    pub max_body_bytes: usize,
+    pub body_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub send_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_pending: usize,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
 }
 
 /// Where to listen; kept apart from [`Config`] because tests bind their own
@@ -380,6 +489,81 @@ impl Args {
                     })
             })
             .transpose()?;
+        let mut api_keys: Vec<String> = self
+            .api_key
+            .iter()
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .collect();
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--api-key-file {}: {e}", path.display()))?;
+            api_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+            if api_keys.is_empty() {
+                return Err(format!(
+                    "--api-key-file {} holds no key",
+                    path.display()
+                ));
+            }
+        }
+        if let Some(bad) = api_keys.iter().find(|k| {
+            k.len() > MAX_SECRET_BYTES || !k.bytes().all(|b| b.is_ascii_graphic())
+        }) {
+            return Err(format!(
+                "an API key of {} bytes is not printable ASCII of at most {MAX_SECRET_BYTES} bytes",
+                bad.len()
+            ));
+        }
+        let telemetry_token = match (self.telemetry_token, self.telemetry_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "give the telemetry token once: --telemetry-token or --telemetry-token-file"
+                        .into(),
+                )
+            }
+            (Some(token), None) => Some(token.trim().to_owned()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("--telemetry-token-file {}: {e}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(token) = &telemetry_token {
+            // It travels in a URL's query: only characters that need no
+            // escaping there, so LMCache's URL and ours agree byte for byte.
+            let url_safe = token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'));
+            if token.len() < MIN_TOKEN_BYTES || token.len() > MAX_SECRET_BYTES || !url_safe {
+                return Err(format!(
+                    "the telemetry token must be {MIN_TOKEN_BYTES} to {MAX_SECRET_BYTES} characters of A-Z a-z 0-9 - _ . ~ (it goes in a URL), got {} bytes",
+                    token.len()
+                ));
+            }
+        }
+        if self.max_body_bytes < MIN_BODY_BYTES {
+            return Err(format!(
+                "--max-body-bytes {} is below {MIN_BODY_BYTES}",
+                self.max_body_bytes
+            ));
+        }
+        if self.max_pending == 0 || self.max_connections == 0 {
+            return Err("--max-pending and --max-connections must be at least 1".into());
+        }
+        if let Some(port) = self.metrics_port {
+            if port != 0 && (port == self.port || port == self.telemetry_port) {
+                return Err(format!(
+                    "--metrics-port {port} is also the API or telemetry port"
+                ));
+            }
+        }
         Ok((
             Config {
                 prefillers,
@@ -397,6 +581,17 @@ impl Args {
                 allowed_prefillers,
                 cluster_key,
                 advertise_telemetry,
+                api_keys,
+                metrics_port: self.metrics_port,
+                telemetry_token,
+                max_body_bytes: self.max_body_bytes,
+                body_timeout: seconds("--body-timeout", self.body_timeout)?,
+                stream_idle_timeout: seconds("--stream-idle-timeout", self.stream_idle_timeout)?,
+                send_timeout: seconds("--send-timeout", self.send_timeout)?,
+                idle_timeout: seconds("--idle-timeout", self.idle_timeout)?,
+                max_pending: self.max_pending,
+                max_connections: self.max_connections,
+                drain_timeout: seconds("--drain-timeout", self.drain_timeout)?,
             },
             ListenAddrs {
                 host: self.host,
@@ -407,6 +602,15 @@ impl Args {
         ))
     }
 }
+
+/// Secrets longer than this are a mistake (a whole file pasted in).
+const MAX_SECRET_BYTES: usize = 512;
+
+/// A telemetry token shorter than this could be guessed.
+const MIN_TOKEN_BYTES: usize = 16;
+
+/// A body limit below this would refuse ordinary chat requests.
+const MIN_BODY_BYTES: usize = 4096;
 
 /// Each retry is another prefiller's work for one request; a handful is
 /// plenty, and a bound keeps a typo from multiplying the load.

@@ -59,6 +59,22 @@ pub enum ProxyError {
     /// `--on-kv-timeout fail`: the prefiller's KV never reported as stored.
     #[error("KV cache was not reported stored within {secs:.1}s (--kv-ready-timeout)")]
     KvTimeout { secs: f64 },
+    /// No key, or not one of `--api-key`'s.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// A telemetry post without the right `?token=`.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// The body did not arrive within its time.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// A limit of the proxy's own (parked requests, connections) is full;
+    /// the client may try again after `retry_after` seconds.
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after: u32,
+    },
 }
 
 impl ProxyError {
@@ -81,6 +97,10 @@ impl ProxyError {
             }
             ProxyError::NoUpstream(_) | ProxyError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::LoopDetected => StatusCode::LOOP_DETECTED,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -98,6 +118,20 @@ impl ProxyError {
             }
             ProxyError::NoUpstream(_) | ProxyError::NotReady(_) => "ServiceUnavailableError",
             ProxyError::LoopDetected => "LoopDetectedError",
+            // OpenAI's own words for a bad key.
+            ProxyError::Unauthorized(_) => "invalid_request_error",
+            ProxyError::Forbidden(_) => "PermissionDeniedError",
+            ProxyError::RequestTimeout(_) => "RequestTimeoutError",
+            ProxyError::Overloaded { .. } => "ServiceUnavailableError",
+        }
+    }
+
+    /// The `code` field: the status, except where OpenAI names the case
+    /// (SDKs match `invalid_api_key`).
+    fn code(&self) -> serde_json::Value {
+        match self {
+            ProxyError::Unauthorized(_) => "invalid_api_key".into(),
+            other => other.status().as_u16().into(),
         }
     }
 
@@ -121,11 +155,11 @@ impl ProxyError {
 
     /// The error as a JSON object `{"error":{...}}`.
     pub fn body(&self) -> Bytes {
-        error_json(
+        error_value(
             &self.public_message(),
             self.kind(),
             self.param(),
-            self.status().as_u16(),
+            self.code(),
         )
     }
 }
@@ -133,6 +167,10 @@ impl ProxyError {
 /// Serialises the OpenAI error object. Also used for the SSE error event a
 /// broken decoder stream ends with.
 pub fn error_json(message: &str, kind: &str, param: Option<&str>, code: u16) -> Bytes {
+    error_value(message, kind, param, code.into())
+}
+
+fn error_value(message: &str, kind: &str, param: Option<&str>, code: serde_json::Value) -> Bytes {
     let value = serde_json::json!({
         "error": { "message": message, "type": kind, "param": param, "code": code }
     });
@@ -145,10 +183,23 @@ impl IntoResponse for ProxyError {
             tracing::warn!(error = %self, "request failed");
         }
         let mut response = (self.status(), self.body()).into_response();
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        match &self {
+            ProxyError::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer"),
+                );
+            }
+            ProxyError::Overloaded { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            _ => {}
+        }
         response
     }
 }
