@@ -5,8 +5,11 @@
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::fleet::{Fleet, Resolve, SystemResolver};
@@ -32,6 +35,13 @@ pub struct App {
     pub forwarder: Forwarder,
     /// The forwarder's sending task, spawned by `serve`.
     forward_task: Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
+    /// Completions requests in progress, from their arrival to the last
+    /// byte of their answer: what a shutdown drain waits for.
+    pub requests: AtomicUsize,
+    /// Cancelled when the drain's time is up: every request still running
+    /// ends with an error its client can see (an SSE error event, a 503)
+    /// rather than a connection closed mid-answer.
+    pub cut: CancellationToken,
 }
 
 impl App {
@@ -55,6 +65,8 @@ impl App {
             tokens: TokenEstimate::new(metrics.bytes_per_token.clone()),
             metrics,
             config,
+            requests: AtomicUsize::new(0),
+            cut: CancellationToken::new(),
         })
     }
 }

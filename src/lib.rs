@@ -20,10 +20,12 @@
 //! request path reads top to bottom in `proxy.rs`.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod fleet;
 pub mod forward;
+pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod owner;

@@ -15,8 +15,12 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let matches = Args::command().get_matches();
-    let key_on_command_line =
-        matches.value_source("cluster_key") == Some(clap::parser::ValueSource::CommandLine);
+    let cap_given = matches.value_source("max_connections")
+        .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
+    let on_command_line: Vec<&str> = ["cluster_key", "api_key", "telemetry_token"]
+        .into_iter()
+        .filter(|id| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        .collect();
     let args = match Args::from_arg_matches(&matches) {
         Ok(args) => args,
         Err(e) => e.exit(),
@@ -36,9 +40,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if key_on_command_line {
+    for id in on_command_line {
+        let flag = id.replace('_', "-");
+        let env = format!("PD_PROXY_{}", id.to_ascii_uppercase());
         tracing::warn!(
-            "the cluster key is on the command line, where `ps` shows it to every user of this host: prefer PD_PROXY_CLUSTER_KEY or --cluster-key-file"
+            "--{flag} is on the command line, where `ps` shows it to every user of this host: prefer {env} or --{flag}-file"
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -51,7 +57,7 @@ fn main() -> ExitCode {
     // would cost a futex wake-up here and another to hand the connection to
     // a worker (measured at one client: 16 context switches per request in
     // the proxy before, 9 after).
-    match runtime.block_on(async { tokio::spawn(run(config, addrs)).await }) {
+    match runtime.block_on(async { tokio::spawn(run(config, addrs, cap_given)).await }) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(Failure::Config(message))) => {
             eprintln!("pd-proxy: error: {message}");
@@ -76,13 +82,38 @@ enum Failure {
     Run(String),
 }
 
-async fn run(config: pd_proxy::Config, addrs: ListenAddrs) -> Result<(), Failure> {
+/// `cap_given`: `--max-connections` was set, not left at its default; a
+/// default the file limit cannot carry is lowered without a warning.
+async fn run(
+    mut config: pd_proxy::Config,
+    addrs: ListenAddrs,
+    cap_given: bool,
+) -> Result<(), Failure> {
+    let fd_limit = pd_proxy::limits::raise_fd_limit();
+    let cap = pd_proxy::server::connection_cap(config.max_connections, fd_limit);
+    if cap < config.max_connections && cap_given {
+        tracing::warn!(
+            fd_limit,
+            wanted = config.max_connections,
+            cap,
+            "the open-file limit carries fewer API connections than --max-connections; capping there"
+        );
+    }
+    config.max_connections = cap;
     let public = pd_proxy::bind(&addrs.host, addrs.port)
         .await
         .map_err(Failure::Run)?;
     let telemetry = pd_proxy::bind(&addrs.telemetry_host, addrs.telemetry_port)
         .await
         .map_err(Failure::Run)?;
+    let metrics = match config.metrics_port {
+        Some(port) => Some(
+            pd_proxy::bind(&addrs.host, port)
+                .await
+                .map_err(Failure::Run)?,
+        ),
+        None => None,
+    };
     let own = [public.local_addr(), telemetry.local_addr()]
         .into_iter()
         .collect::<Result<Vec<_>, _>>()
@@ -90,38 +121,74 @@ async fn run(config: pd_proxy::Config, addrs: ListenAddrs) -> Result<(), Failure
     pd_proxy::fleet::check_not_self(&config, &own, &pd_proxy::fleet::SystemResolver)
         .await
         .map_err(Failure::Config)?;
+    if config.telemetry_token.is_none() && !own[1].ip().is_loopback() {
+        tracing::warn!(
+            telemetry = %own[1],
+            "the telemetry port is reachable from other hosts and takes events from anyone: set PD_PROXY_TELEMETRY_TOKEN (and ?token= in LMCACHE_REQUEST_TELEMETRY_ENDPOINT)"
+        );
+    }
     tracing::info!(
         api = %own[0],
         telemetry = %own[1],
+        metrics = ?metrics.as_ref().and_then(|l| l.local_addr().ok()),
         prefillers = ?config.prefillers.iter().map(ToString::to_string).collect::<Vec<_>>(),
         decoders = ?config.decoders.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        fd_limit,
+        max_connections = config.max_connections,
         "pd-proxy listening"
     );
     let app = App::new(config);
     app.set_routing(own[1], std::env::var("POD_IP").ok().as_deref())
         .map_err(Failure::Config)?;
-    pd_proxy::serve(Listeners { public, telemetry }, app, shutdown_signal())
-        .await
-        .map_err(|e| Failure::Run(e.to_string()))
+    let drained = pd_proxy::serve(
+        Listeners {
+            public,
+            telemetry,
+            metrics,
+        },
+        app,
+        signals(),
+    )
+    .await
+    .map_err(|e| Failure::Run(e.to_string()))?;
+    if drained.cut > 0 {
+        return Err(Failure::Run(format!(
+            "shut down with {} request(s) cut before they finished",
+            drained.cut
+        )));
+    }
+    tracing::info!("shut down cleanly: every request finished");
+    Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// One item per SIGTERM or Ctrl-C: the first starts the drain, the second
+/// ends it at once.
+fn signals() -> tokio_stream::wrappers::ReceiverStream<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        loop {
+            #[cfg(unix)]
+            let term_once = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let term_once = std::future::pending::<()>();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                () = term_once => {},
             }
-            Err(_) => std::future::pending().await,
+            if tx.send(()).await.is_err() {
+                return;
+            }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -120,6 +120,10 @@ pub struct Metrics {
     forwarded: [Counter; 5],
     pub forward_seconds: Histogram,
     pub invalid_ids: Counter,
+    /// Who was let in: client keys and the telemetry token.
+    access: Access,
+    /// The limits that keep a flood, a slow peer or a shutdown in bounds.
+    pub guards: Guards,
 }
 
 impl Metrics {
@@ -165,7 +169,7 @@ impl Metrics {
         describe(
             TELEMETRY_EVENTS,
             None,
-            "LMCache telemetry events received, by event.",
+            "LMCache telemetry events received, by event: request_store_finished, or other for any other name.",
         );
         describe(
             TELEMETRY_UNKNOWN_IDS,
@@ -250,6 +254,8 @@ impl Metrics {
             forwarded: ForwardOutcome::ALL.map(|o| labelled(FORWARDED_IDS, o.labels())),
             forward_seconds: histogram(FORWARD_SECONDS),
             invalid_ids: counter(INVALID_IDS),
+            access: Access::register(&recorder),
+            guards: Guards::register(&recorder),
             bytes_per_token: recorder
                 .register_gauge(&Key::from_static_name(BYTES_PER_TOKEN), &METADATA),
             pending: recorder.register_gauge(&Key::from_static_name(PENDING), &METADATA),
@@ -308,26 +314,6 @@ impl Metrics {
             .increment(1);
     }
 
-    pub fn telemetry_event(&self, event: &str) {
-        // LMCache sends one event name today; cap the label's cardinality in
-        // case a sender goes wild.
-        let event = if event.len() <= 64
-            && event
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
-            event.to_owned()
-        } else {
-            "other".to_owned()
-        };
-        self.recorder
-            .register_counter(
-                &Key::from_parts(TELEMETRY_EVENTS, vec![Label::new("event", event)]),
-                &METADATA,
-            )
-            .increment(1);
-    }
-
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         self.handle.render()
@@ -363,3 +349,258 @@ fn leg_labels(leg: Leg) -> &'static [Label] {
         Leg::Models => &MODELS_LABELS,
     }
 }
+
+pub const OPEN_CONNECTIONS: &str = "pd_proxy_open_connections";
+pub const CONNECTIONS_REFUSED: &str = "pd_proxy_connections_refused_total";
+pub const PENDING_FULL: &str = "pd_proxy_pending_full_total";
+pub const TIMEOUTS: &str = "pd_proxy_timeouts_total";
+pub const DRAIN_CUT: &str = "pd_proxy_drain_cut_total";
+
+/// A listener of the proxy, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Api,
+    Telemetry,
+    /// `--metrics-port`.
+    Metrics,
+}
+
+impl Port {
+    fn index(self) -> usize {
+        match self {
+            Port::Api => 0,
+            Port::Telemetry => 1,
+            Port::Metrics => 2,
+        }
+    }
+}
+
+/// Which bound ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// A request or telemetry body took longer than `--body-timeout`.
+    Body,
+    /// A decoder stream went silent for `--stream-idle-timeout`.
+    StreamIdle,
+    /// A client left sent bytes unread for `--send-timeout`.
+    Send,
+}
+
+/// Counters of the limits; each label set is fixed here.
+pub struct Guards {
+    connections: [Gauge; 3],
+    connections_refused: [Counter; 3],
+    pub pending_full: Counter,
+    timeouts: [Counter; 3],
+    pub drain_cut: Counter,
+}
+
+impl Guards {
+    fn register(recorder: &PrometheusRecorder) -> Self {
+        recorder.describe_gauge(
+            OPEN_CONNECTIONS.into(),
+            None,
+            "Open client connections, by listener (api, telemetry).".into(),
+        );
+        recorder.describe_counter(
+            CONNECTIONS_REFUSED.into(),
+            None,
+            "Connections closed at once because their listener was at its cap (--max-connections; the telemetry port's own allowance).".into(),
+        );
+        recorder.describe_counter(
+            PENDING_FULL.into(),
+            None,
+            "Requests answered 503 because --max-pending requests were already parked.".into(),
+        );
+        recorder.describe_counter(
+            TIMEOUTS.into(),
+            None,
+            "Bounds that ran out: body (--body-timeout), stream_idle (--stream-idle-timeout), send (--send-timeout).".into(),
+        );
+        recorder.describe_counter(
+            DRAIN_CUT.into(),
+            None,
+            "Requests still running when the shutdown drain ended, cut with an error.".into(),
+        );
+        let ports: [&'static [Label]; 3] = [
+            &API_PORT_LABELS,
+            &TELEMETRY_PORT_LABELS,
+            &METRICS_PORT_LABELS,
+        ];
+        let timeout = |labels: &'static [Label]| {
+            recorder.register_counter(&Key::from_static_parts(TIMEOUTS, labels), &METADATA)
+        };
+        Guards {
+            connections: ports.map(|labels| {
+                recorder.register_gauge(&Key::from_static_parts(OPEN_CONNECTIONS, labels), &METADATA)
+            }),
+            connections_refused: ports.map(|labels| {
+                recorder.register_counter(
+                    &Key::from_static_parts(CONNECTIONS_REFUSED, labels),
+                    &METADATA,
+                )
+            }),
+            pending_full: recorder
+                .register_counter(&Key::from_static_name(PENDING_FULL), &METADATA),
+            timeouts: [
+                timeout(&BODY_TIMEOUT_LABELS),
+                timeout(&STREAM_IDLE_TIMEOUT_LABELS),
+                timeout(&SEND_TIMEOUT_LABELS),
+            ],
+            drain_cut: recorder.register_counter(&Key::from_static_name(DRAIN_CUT), &METADATA),
+        }
+    }
+
+    pub fn connections(&self, port: Port) -> &Gauge {
+        &self.connections[port.index()]
+    }
+
+    pub fn connection_refused(&self, port: Port) {
+        self.connections_refused[port.index()].increment(1);
+    }
+
+    pub fn timeout(&self, kind: TimeoutKind) {
+        let i = match kind {
+            TimeoutKind::Body => 0,
+            TimeoutKind::StreamIdle => 1,
+            TimeoutKind::Send => 2,
+        };
+        self.timeouts[i].increment(1);
+    }
+}
+
+static API_PORT_LABELS: [Label; 1] = [Label::from_static_parts("port", "api")];
+static TELEMETRY_PORT_LABELS: [Label; 1] = [Label::from_static_parts("port", "telemetry")];
+static METRICS_PORT_LABELS: [Label; 1] = [Label::from_static_parts("port", "metrics")];
+static BODY_TIMEOUT_LABELS: [Label; 1] = [Label::from_static_parts("kind", "body")];
+static STREAM_IDLE_TIMEOUT_LABELS: [Label; 1] = [Label::from_static_parts("kind", "stream_idle")];
+static SEND_TIMEOUT_LABELS: [Label; 1] = [Label::from_static_parts("kind", "send")];
+
+pub const TELEMETRY_REFUSED: &str = "pd_proxy_telemetry_refused_total";
+pub const AUTH_FAILURES: &str = "pd_proxy_auth_failures_total";
+
+/// Why a telemetry post (or, for `WorldSize`, its ids) was not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TelemetryRefusal {
+    /// No `?token=`, a wrong one, or more than one (403).
+    Token,
+    /// It claimed a larger `world_size` than the first event for its
+    /// request: counting it would hold the request back for ranks that do
+    /// not exist.
+    WorldSize,
+    /// A body past the telemetry limit (413).
+    TooLarge,
+    /// A body that did not arrive in time (408).
+    Timeout,
+    /// Not an LMCache event (400).
+    Malformed,
+}
+
+impl TelemetryRefusal {
+    const ALL: [TelemetryRefusal; 5] = [
+        TelemetryRefusal::Token,
+        TelemetryRefusal::WorldSize,
+        TelemetryRefusal::TooLarge,
+        TelemetryRefusal::Timeout,
+        TelemetryRefusal::Malformed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TelemetryRefusal::Token => "token",
+            TelemetryRefusal::WorldSize => "world_size",
+            TelemetryRefusal::TooLarge => "too_large",
+            TelemetryRefusal::Timeout => "timeout",
+            TelemetryRefusal::Malformed => "malformed",
+        }
+    }
+}
+
+/// Why a client was answered 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No `Authorization` header.
+    Missing,
+    /// Not `Bearer KEY`, or a key that is not configured.
+    Invalid,
+}
+
+/// The event names LMCache sends (0.5.6 sends only this one); any other
+/// name is counted as `other`, so a sender cannot mint series.
+const KNOWN_EVENTS: [&str; 1] = ["request_store_finished"];
+
+/// Counters of who was let in; every label set is fixed here.
+struct Access {
+    /// One per [`KNOWN_EVENTS`] entry, then `other`.
+    telemetry_events: [Counter; 2],
+    telemetry_refused: [Counter; 5],
+    auth_failures: [Counter; 2],
+}
+
+impl Access {
+    fn register(recorder: &PrometheusRecorder) -> Self {
+        recorder.describe_counter(
+            TELEMETRY_REFUSED.into(),
+            None,
+            "Telemetry posts refused, by reason: token (403), too_large (413), timeout (408), malformed (400), world_size (posts with ids whose world_size exceeded their request's first; not counted towards readiness).".into(),
+        );
+        recorder.describe_counter(
+            AUTH_FAILURES.into(),
+            None,
+            "API requests answered 401, by reason: missing (no Authorization header) or invalid (not Bearer, or an unknown key).".into(),
+        );
+        let labelled = |name: &'static str, labels: &'static [Label]| {
+            recorder.register_counter(&Key::from_static_parts(name, labels), &METADATA)
+        };
+        Access {
+            telemetry_events: [
+                labelled(TELEMETRY_EVENTS, &STORE_FINISHED_LABELS),
+                labelled(TELEMETRY_EVENTS, &OTHER_EVENT_LABELS),
+            ],
+            telemetry_refused: [
+                labelled(TELEMETRY_REFUSED, &REFUSED_TOKEN_LABELS),
+                labelled(TELEMETRY_REFUSED, &REFUSED_WORLD_SIZE_LABELS),
+                labelled(TELEMETRY_REFUSED, &REFUSED_TOO_LARGE_LABELS),
+                labelled(TELEMETRY_REFUSED, &REFUSED_TIMEOUT_LABELS),
+                labelled(TELEMETRY_REFUSED, &REFUSED_MALFORMED_LABELS),
+            ],
+            auth_failures: [
+                labelled(AUTH_FAILURES, &AUTH_MISSING_LABELS),
+                labelled(AUTH_FAILURES, &AUTH_INVALID_LABELS),
+            ],
+        }
+    }
+}
+
+impl Metrics {
+    pub fn telemetry_event(&self, event: &str) {
+        let i = KNOWN_EVENTS
+            .iter()
+            .position(|known| *known == event)
+            .unwrap_or(KNOWN_EVENTS.len());
+        self.access.telemetry_events[i].increment(1);
+    }
+
+    pub fn telemetry_refused(&self, reason: TelemetryRefusal) {
+        let i = TelemetryRefusal::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("every reason is listed");
+        self.access.telemetry_refused[i].increment(1);
+    }
+
+    pub fn auth_failure(&self, failure: AuthFailure) {
+        self.access.auth_failures[usize::from(failure == AuthFailure::Invalid)].increment(1);
+    }
+}
+
+static STORE_FINISHED_LABELS: [Label; 1] =
+    [Label::from_static_parts("event", KNOWN_EVENTS[0])];
+static OTHER_EVENT_LABELS: [Label; 1] = [Label::from_static_parts("event", "other")];
+static REFUSED_TOKEN_LABELS: [Label; 1] = [Label::from_static_parts("reason", "token")];
+static REFUSED_WORLD_SIZE_LABELS: [Label; 1] = [Label::from_static_parts("reason", "world_size")];
+static REFUSED_TOO_LARGE_LABELS: [Label; 1] = [Label::from_static_parts("reason", "too_large")];
+static REFUSED_TIMEOUT_LABELS: [Label; 1] = [Label::from_static_parts("reason", "timeout")];
+static REFUSED_MALFORMED_LABELS: [Label; 1] = [Label::from_static_parts("reason", "malformed")];
+static AUTH_MISSING_LABELS: [Label; 1] = [Label::from_static_parts("reason", "missing")];
+static AUTH_INVALID_LABELS: [Label; 1] = [Label::from_static_parts("reason", "invalid")];

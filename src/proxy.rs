@@ -10,7 +10,9 @@
 //! request, so nothing outlives its client.
 
 use std::error::Error as _;
+use std::future::Future as _;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -21,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
@@ -31,15 +33,17 @@ use crate::app::App;
 use crate::config::KvTimeoutPolicy;
 use crate::error::{error_json, Leg, ProxyError};
 use crate::fleet::{Endpoint, InFlight, Role};
-use crate::metrics::Route;
+use crate::metrics::{Route, TimeoutKind};
 use crate::openai::{Api, ClientRequest};
 use crate::pending::{ParkedGuard, RequestId};
 use crate::tokens::PromptSize;
 use crate::upstream;
 
-/// Largest request body accepted. Long-context prompts run to megabytes of
-/// JSON; past this something is wrong.
-pub const MAX_BODY_BYTES: usize = 64 << 20;
+/// Bodies up to this size are parsed on the async worker that read them;
+/// larger ones on the blocking pool, so that a 30 MiB prompt does not
+/// hold up every other connection of that worker (and the telemetry
+/// port) while it is parsed.
+const PARSE_INLINE_MAX: usize = 256 << 10;
 
 /// Largest upstream body the proxy reads whole (prefill answers, errors,
 /// model lists); streamed decoder bodies are not read whole.
@@ -64,6 +68,10 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
     // header used later is kept.
     let auth = upstream_auth(&app, &headers);
     let named = named_prefillers(&headers);
+    let content_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     drop(headers);
     let id = RequestId::random();
     // The id as the engines and the client see it (with a cluster key, the
@@ -82,7 +90,15 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
         auth: auth.as_ref(),
         prefillers: None,
     };
-    let mut response = match run(&app, ask, named, body, &mut log).instrument(span).await {
+    let work = run(&app, ask, named, body, content_length, &mut log).instrument(span);
+    let result = tokio::select! {
+        result = work => result,
+        () = app.cut.cancelled() => Err(ProxyError::Overloaded {
+            message: "the proxy is shutting down and its drain time is up; send the request again".into(),
+            retry_after: 1,
+        }),
+    };
+    let mut response = match result {
         Ok(response) => response,
         Err(err) => {
             log.status = Some(err.status().as_u16());
@@ -95,10 +111,15 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
 }
 
 /// The `Authorization` sent upstream: a configured key wins; without one,
-/// the client's own credentials, copied out of the request's headers.
+/// the client's own credentials, copied out of the request's headers —
+/// unless the proxy checks client keys (`--api-key`): then the client's
+/// key is the proxy's credential and never leaves it.
 fn upstream_auth(app: &App, headers: &HeaderMap) -> Option<HeaderValue> {
     if let Some(key) = &app.config.upstream_auth {
         return Some(key.clone());
+    }
+    if !app.config.api_keys.is_empty() {
+        return None;
     }
     let value = headers.get(header::AUTHORIZATION)?;
     let mut copy = HeaderValue::from_bytes(value.as_bytes()).ok()?;
@@ -157,6 +178,7 @@ async fn run(
     mut ask: Ask<'_>,
     named: Option<String>,
     body: Body,
+    content_length: Option<u64>,
     log: &mut RequestLog,
 ) -> Result<Response, ProxyError> {
     // A gateway's choice is checked before anything is read or sent.
@@ -166,24 +188,35 @@ async fn run(
         .map_err(|message| ProxyError::bad_request(message, Some("x-prefiller-host-port")))?;
     ask.prefillers = named.as_deref();
     let api = ask.api;
-    let raw = read_body(body).await?;
-    // Only the rewritten copy and the prompt count outlive parsing: the
-    // parsed body would otherwise sit in memory for the whole KV wait.
-    let (prefill_body, prompts, size, route) = {
-        let request = ClientRequest::parse(api, &raw)?;
-        log.stream = request.stream;
-        let threshold = app.config.direct_below_tokens;
-        let route = if threshold > 0 && app.tokens.tokens(&request.size) < u64::from(threshold) {
-            Route::Direct
-        } else {
-            Route::Pd
-        };
-        let prefill_body = (route == Route::Pd).then(|| request.prefill_body());
-        (prefill_body, request.prompts, request.size, route)
+    let raw = read_body(app, body, content_length).await?;
+    let Parsed {
+        prefill_body,
+        prompts,
+        size,
+        route,
+        stream,
+    } = if raw.len() <= PARSE_INLINE_MAX {
+        parse(app, api, &raw)?
+    } else {
+        let (app, raw) = (Arc::clone(app), raw.clone());
+        tokio::task::spawn_blocking(move || parse(&app, api, &raw))
+            .await
+            .map_err(|e| ProxyError::bad_request(format!("the request could not be parsed: {e}"), None))??
     };
+    log.stream = stream;
     log.route = route;
     app.metrics.route(route);
     if let Some(prefill_body) = prefill_body {
+        if app.pending.len() >= app.config.max_pending {
+            app.metrics.guards.pending_full.increment(1);
+            return Err(ProxyError::Overloaded {
+                message: format!(
+                    "{} requests are already waiting for their KV cache (--max-pending); try again shortly",
+                    app.config.max_pending
+                ),
+                retry_after: 1,
+            });
+        }
         let (guard, kv_ready) = app.pending.park(ask.id, prompts);
         // The steps around the KV wait are boxed. Inline, their futures
         // (hyper's client calls: 2.2 KB for the prefill, 1.1 KB for the
@@ -199,21 +232,74 @@ async fn run(
     Box::pin(relay(app, answer, log)).await
 }
 
-async fn read_body(body: Body) -> Result<Bytes, ProxyError> {
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        // A body that came in one read shares hyper's 8 KiB connection
-        // buffer; a copy of just the body lets hyper reuse that buffer
-        // instead of allocating another while the request is parked.
-        Ok(collected) => Ok(Bytes::copy_from_slice(&collected.to_bytes())),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ProxyError::PayloadTooLarge {
-                limit: MAX_BODY_BYTES,
-            })
+/// What routing needs of a parsed body. The parsed body itself does not
+/// outlive parsing: it would sit in memory for the whole KV wait.
+struct Parsed {
+    /// The prefiller's copy; `None` when the request goes direct.
+    prefill_body: Option<Bytes>,
+    prompts: usize,
+    size: PromptSize,
+    route: Route,
+    stream: bool,
+}
+
+fn parse(app: &App, api: Api, raw: &[u8]) -> Result<Parsed, ProxyError> {
+    let request = ClientRequest::parse(api, raw)?;
+    let threshold = app.config.direct_below_tokens;
+    let route = if threshold > 0 && app.tokens.tokens(&request.size) < u64::from(threshold) {
+        Route::Direct
+    } else {
+        Route::Pd
+    };
+    Ok(Parsed {
+        prefill_body: (route == Route::Pd).then(|| request.prefill_body()),
+        prompts: request.prompts,
+        size: request.size,
+        route,
+        stream: request.stream,
+    })
+}
+
+/// Reads the whole body into one buffer, within `--max-body-bytes` and
+/// `--body-timeout`. A declared length past the limit is refused before a
+/// byte is read; otherwise the buffer is sized from it once, so a large
+/// body costs its size once, not a list of chunks plus their copy.
+async fn read_body(
+    app: &App,
+    body: Body,
+    content_length: Option<u64>,
+) -> Result<Bytes, ProxyError> {
+    let limit = app.config.max_body_bytes;
+    let too_large = ProxyError::PayloadTooLarge { limit };
+    if content_length.is_some_and(|n| n > limit as u64) {
+        return Err(too_large);
+    }
+    let mut buf = BytesMut::with_capacity(content_length.map_or(0, |n| n as usize));
+    let mut body = body;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ProxyError::bad_request(format!("could not read the request body: {e}"), None)
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(ProxyError::PayloadTooLarge { limit });
+                }
+                buf.extend_from_slice(&data);
+            }
         }
-        Err(e) => Err(ProxyError::bad_request(
-            format!("could not read the request body: {e}"),
-            None,
-        )),
+        Ok(())
+    };
+    match timeout(app.config.body_timeout, read).await {
+        Ok(Ok(())) => Ok(buf.freeze()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            app.metrics.guards.timeout(TimeoutKind::Body);
+            Err(ProxyError::RequestTimeout(format!(
+                "the request body did not arrive within {:.1}s (--body-timeout)",
+                app.config.body_timeout.as_secs_f64()
+            )))
+        }
     }
 }
 
@@ -600,6 +686,17 @@ async fn relay(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     log.status = Some(status.as_u16());
+    if !sse {
+        // Read whole before the client hears anything, so a decoder that
+        // breaks mid-body is a 502, not a truncated 200.
+        let (status, headers, body) = bounded(app, Leg::Decode, &decoder, read_whole(response)).await?;
+        let elapsed = started.elapsed();
+        log.decode_ttfb = Some(elapsed);
+        app.metrics.decode_ttfb_seconds.record(elapsed);
+        log.outcome = Outcome::Completed;
+        drop(in_flight);
+        return Ok(passthrough(status, headers, body));
+    }
     let owned_log = std::mem::replace(log, RequestLog::detached());
     let mut body = RelayBody::new(response.into_body(), owned_log, started, sse, in_flight);
     let first = async {
@@ -671,9 +768,10 @@ fn snippet(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..end]).into_owned()
 }
 
-/// Upstream answers relayed to `/v1/models`: the first of up to three
-/// endpoints that answers 200, healthy ones first, prefillers before
-/// decoders. Each try is bounded.
+/// Upstream answers relayed to `/v1/models`: the first 200 among up to
+/// [`MODELS_ASKED`] endpoints asked at once (healthy ones first,
+/// prefillers before decoders), all within one `--upstream-timeout`, so a
+/// fleet of dead servers costs one timeout, not one each.
 pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if let Some(refusal) = refuse_loop(&app, &headers) {
         return refusal;
@@ -686,46 +784,66 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
     );
     let all: Vec<&Arc<Endpoint>> = prefillers.iter().chain(decoders.iter()).collect();
     let (healthy, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| e.healthy());
+    let app = &app;
+    let mut asks: futures_util::stream::FuturesUnordered<_> = healthy
+        .into_iter()
+        .chain(rest)
+        .take(MODELS_ASKED)
+        .map(|endpoint| async move {
+            let answer = async {
+                let response = app
+                    .client
+                    .request(upstream::get(&endpoint.models_uri, auth))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                read_whole(response).await
+            }
+            .await;
+            (endpoint, answer)
+        })
+        .collect();
     let mut last_error = String::from("no upstream is known yet");
-    // A few tries at most: a fleet of dead servers must not cost one
-    // timeout each.
-    for endpoint in healthy.into_iter().chain(rest).take(MODELS_TRIES) {
-        let call = async {
-            let response = app
-                .client
-                .request(upstream::get(&endpoint.models_uri, auth))
-                .await
-                .map_err(|e| e.to_string())?;
-            read_whole(response).await
-        };
-        match timeout(MODELS_TIMEOUT, call).await {
-            Ok(Ok((status, headers, body))) if status.is_success() => {
-                return passthrough(status, headers, body)
+    let first_ok = async {
+        while let Some((endpoint, answer)) = futures_util::StreamExt::next(&mut asks).await {
+            match answer {
+                Ok((status, headers, body)) if status.is_success() => {
+                    return Some(passthrough(status, headers, body))
+                }
+                Ok((status, _, body)) => {
+                    last_error = format!(
+                        "{} answered {status}: {}",
+                        endpoint.authority,
+                        snippet(&body)
+                    )
+                }
+                Err(e) => last_error = format!("{}: {e}", endpoint.authority),
             }
-            Ok(Ok((status, _, body))) => {
-                last_error = format!(
-                    "{} answered {status}: {}",
-                    endpoint.authority,
-                    snippet(&body)
-                )
-            }
-            Ok(Err(e)) => last_error = format!("{}: {e}", endpoint.authority),
-            Err(_) => {
-                last_error = format!("{}: no answer in {MODELS_TIMEOUT:?}", endpoint.authority)
-            }
+            app.metrics.upstream_error(Leg::Models);
+            tracing::warn!(error = %last_error, "/v1/models upstream failed");
         }
-        app.metrics.upstream_error(Leg::Models);
-        tracing::warn!(error = %last_error, "/v1/models upstream failed; trying the next");
+        None
+    };
+    match timeout(app.config.upstream_timeout, first_ok).await {
+        Ok(Some(response)) => response,
+        Ok(None) => ProxyError::Upstream {
+            leg: Leg::Models,
+            detail: last_error,
+        }
+        .into_response(),
+        Err(_) => {
+            app.metrics.upstream_error(Leg::Models);
+            ProxyError::UpstreamTimeout {
+                leg: Leg::Models,
+                secs: app.config.upstream_timeout.as_secs_f64(),
+            }
+            .into_response()
+        }
     }
-    ProxyError::Upstream {
-        leg: Leg::Models,
-        detail: last_error,
-    }
-    .into_response()
 }
 
-const MODELS_TIMEOUT: Duration = Duration::from_secs(10);
-const MODELS_TRIES: usize = 3;
+/// Endpoints asked at once for `/v1/models`: enough that a few dead ones
+/// do not matter, few enough that one call is not a fan-out to the fleet.
+const MODELS_ASKED: usize = 4;
 
 /// How a request ended, for its log line and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -736,8 +854,11 @@ enum Outcome {
     /// An upstream refused it (4xx), passed through.
     Refused,
     Failed,
-    /// The decoder's stream broke after the headers were sent.
+    /// The decoder's stream broke, or went silent, after the headers
+    /// were sent.
     DecoderBroke,
+    /// Still running when the shutdown drain ended.
+    Cut,
 }
 
 /// Phase timings of one request. Dropping it writes the request's one info
@@ -761,6 +882,7 @@ struct RequestLog {
 
 impl RequestLog {
     fn new(app: Arc<App>, api: Api, span: tracing::Span) -> Self {
+        app.requests.fetch_add(1, Ordering::AcqRel);
         RequestLog {
             app: Some(app),
             api,
@@ -806,6 +928,7 @@ impl Drop for RequestLog {
         let Some(app) = self.app.take() else {
             return;
         };
+        app.requests.fetch_sub(1, Ordering::AcqRel);
         let total = self.started.elapsed();
         let client_gone = self.outcome == Outcome::Running;
         // 499: nginx's "client closed request", the usual name for it.
@@ -883,6 +1006,17 @@ struct RelayBody {
     /// `data: [DONE]`, before the decoder's final chunk, and that answer
     /// was complete.
     tail: [u8; DONE.len()],
+    /// `--stream-idle-timeout`, armed the first time the stream waits on
+    /// the decoder and moved on by every frame.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The shutdown drain's cut, listened for while the stream waits.
+    cut: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+}
+
+/// Why a stream ended before its decoder finished it.
+enum Cut {
+    Idle(Duration),
+    Drain,
 }
 
 /// Data gathered for one hand-over. A lone frame is passed on as it came
@@ -976,16 +1110,13 @@ impl RelayBody {
             finished: false,
             inner,
             tail: [0; DONE.len()],
+            idle: None,
+            cut: None,
         }
     }
 
-    fn broken_stream_tail(&self, err: &hyper::Error) -> Bytes {
-        let event = error_json(
-            &format!("the decoder stream broke: {err}"),
-            "BadGatewayError",
-            None,
-            502,
-        );
+    fn error_tail(&self, message: &str, kind: &str, code: u16) -> Bytes {
+        let event = error_json(message, kind, None, code);
         let mut out = Vec::with_capacity(event.len() + 32);
         if !self.ends_cleanly {
             out.extend_from_slice(b"\n\n");
@@ -1041,10 +1172,82 @@ impl RelayBody {
         }
         tracing::warn!(parent: &self.log.span, error = %err, "decoder stream broke");
         if self.sse {
-            let tail = self.broken_stream_tail(&err);
+            let tail = self.error_tail(
+                &format!("the decoder stream broke: {err}"),
+                "BadGatewayError",
+                502,
+            );
             self.batch.push(tail);
         } else {
             self.error = Some(err);
+        }
+    }
+
+    /// `Ready` when the stream must end without the decoder: it has been
+    /// silent too long, or the shutdown drain's time is up.
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<Cut> {
+        let Some(app) = self.log.app.as_ref() else {
+            return Poll::Pending;
+        };
+        let limit = app.config.stream_idle_timeout;
+        let since = self.last_frame.unwrap_or(self.decode_started);
+        let deadline = tokio::time::Instant::from_std(since + limit);
+        let idle = match &mut self.idle {
+            Some(sleep) => {
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                sleep
+            }
+            None => self.idle.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        if idle.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Cut::Idle(limit));
+        }
+        let cut = self
+            .cut
+            .get_or_insert_with(|| Box::pin(app.cut.clone().cancelled_owned()));
+        if cut.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Cut::Drain);
+        }
+        Poll::Pending
+    }
+
+    /// Ends the stream here: the decoder's connection is closed when this
+    /// body is dropped, so vLLM stops generating; an SSE client gets an
+    /// error event and `[DONE]`.
+    fn end_early(&mut self, cut: Cut) {
+        self.upstream_done = true;
+        let (message, kind, code) = match cut {
+            Cut::Idle(limit) => {
+                if let Some(app) = &self.log.app {
+                    app.metrics.guards.timeout(TimeoutKind::StreamIdle);
+                    app.metrics.upstream_error(Leg::Decode);
+                }
+                self.log.outcome = Outcome::DecoderBroke;
+                tracing::warn!(parent: &self.log.span, secs = limit.as_secs_f64(), "decoder stream went silent past --stream-idle-timeout; ending it");
+                (
+                    format!(
+                        "the decoder sent nothing for {:.1}s (--stream-idle-timeout)",
+                        limit.as_secs_f64()
+                    ),
+                    "GatewayTimeoutError",
+                    504,
+                )
+            }
+            Cut::Drain => {
+                self.log.outcome = Outcome::Cut;
+                tracing::warn!(parent: &self.log.span, "the shutdown drain ended; cutting the stream");
+                (
+                    "the proxy is shutting down and its drain time is up; the answer is incomplete".to_owned(),
+                    "ServiceUnavailableError",
+                    503,
+                )
+            }
+        };
+        if self.sse {
+            let tail = self.error_tail(&message, kind, code);
+            self.batch.push(tail);
         }
     }
 
@@ -1070,7 +1273,10 @@ impl RelayBody {
                 }
                 Poll::Ready(Some(Err(err))) => self.upstream_failed(err),
                 Poll::Ready(None) => self.upstream_done = true,
-                Poll::Pending if self.nothing_gathered() => return Poll::Pending,
+                Poll::Pending if self.nothing_gathered() => match self.poll_cut(cx) {
+                    Poll::Ready(cut) => self.end_early(cut),
+                    Poll::Pending => return Poll::Pending,
+                },
                 Poll::Pending if self.bursting && self.idle_yields < IDLE_YIELDS => {
                     self.idle_yields += 1;
                     cx.waker().wake_by_ref();

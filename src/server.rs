@@ -5,6 +5,8 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,23 +19,22 @@ use http::{header, HeaderValue, StatusCode};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
+use tokio_stream::{Stream, StreamExt};
 
 use crate::app::App;
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::limits::{self, Activity, GuardedIo, Slots, Tracked};
+use crate::metrics::{Metrics, Port as MetricPort};
 use crate::{proxy, telemetry};
 
-/// After a shutdown signal, in-flight streams get this long to finish
-/// before the listeners are dropped anyway.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The client-facing router: OpenAI endpoints, health and metrics.
+/// With `--api-key`, every path but `/health` and `/ready` needs a key,
+/// unknown ones included (401 before 404: no key, no map of the routes).
 pub fn public_router(app: Arc<App>) -> Router {
-    Router::new()
+    let keys = crate::auth::ApiKeys::new(&app.config.api_keys, Arc::clone(&app.metrics));
+    let router = Router::new()
         .route("/v1/chat/completions", post(proxy::chat))
         .route("/v1/completions", post(proxy::completions))
         .route("/v1/models", get(proxy::models))
@@ -42,13 +43,30 @@ pub fn public_router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(app)
+        .with_state(app);
+    match keys {
+        Some(keys) => router.layer(axum::middleware::from_fn_with_state(
+            keys,
+            crate::auth::require_api_key,
+        )),
+        None => router,
+    }
 }
 
 /// The router LMCache posts to.
 pub fn telemetry_router(app: Arc<App>) -> Router {
     Router::new()
         .route("/api/v1/telemetry", post(telemetry::handle))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(telemetry::Intake::new(app))
+}
+
+/// `--metrics-port`: the metrics alone, without a key, for a scraper.
+pub fn metrics_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
@@ -142,16 +160,53 @@ pub async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
 pub struct Listeners {
     pub public: TcpListener,
     pub telemetry: TcpListener,
+    /// `--metrics-port`: `/metrics` without a key.
+    pub metrics: Option<TcpListener>,
 }
 
-/// Serves both ports until `shutdown` completes, then stops accepting and
-/// gives in-flight requests [`DRAIN_TIMEOUT`] to end.
+/// How a shutdown went.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Requests still running when the drain ended (its deadline, or a
+    /// second signal), which were cut.
+    pub cut: usize,
+}
+
+/// Open telemetry connections allowed, apart from the API's: LMCache
+/// opens one per event and closes it, so a few hundred cover every rank
+/// of every prefiller posting at once; a flood of clients on the API port
+/// cannot take them.
+pub const TELEMETRY_CONNECTIONS: usize = 1024;
+
+/// Open connections on `--metrics-port`: scrapers, a handful.
+const METRICS_CONNECTIONS: usize = 64;
+
+/// File descriptors kept for everything that is not a client
+/// connection: the telemetry allowance, health checks, forwards, logs.
+const FD_RESERVE: u64 = TELEMETRY_CONNECTIONS as u64 + 512;
+
+/// After the drain's deadline, cut requests get this long to write their
+/// error before their connections are dropped.
+const CUT_GRACE: Duration = Duration::from_secs(1);
+
+/// The API connections the open-file limit can carry: each may hold
+/// itself, a prefill and a decode connection.
+pub fn connection_cap(wanted: usize, fd_limit: u64) -> usize {
+    let carried = fd_limit.saturating_sub(FD_RESERVE) / 3;
+    wanted.min(usize::try_from(carried).unwrap_or(usize::MAX)).max(1)
+}
+
+/// Serves every port until the first item of `signals`; then stops
+/// accepting API connections, lets the running requests finish (the
+/// telemetry port serves on while any is parked) for `--drain-timeout`,
+/// and cuts what is left with an error its client sees. A second item of
+/// `signals` cuts at once.
 pub async fn serve(
     listeners: Listeners,
     app: Arc<App>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> io::Result<()> {
-    let (stop_tx, stop_rx) = watch::channel(false);
+    signals: impl Stream<Item = ()> + Send + Unpin + 'static,
+) -> io::Result<Drained> {
+    let mut signals = signals;
     let own: Vec<SocketAddr> = [&listeners.public, &listeners.telemetry]
         .iter()
         .filter_map(|l| l.local_addr().ok())
@@ -174,61 +229,152 @@ pub async fn serve(
             }
         })
     };
-    let public = serve_port(
+    let (stop_api, stop_api_rx) = watch::channel(false);
+    let (stop_telemetry, stop_telemetry_rx) = watch::channel(false);
+    let (kill, kill_rx) = watch::channel(false);
+    let metrics = Arc::clone(&app.metrics);
+    let api_slots = Slots::new(
+        app.config.max_connections,
+        MetricPort::Api,
+        Arc::clone(&metrics),
+    );
+    let telemetry_slots = Slots::new(
+        TELEMETRY_CONNECTIONS,
+        MetricPort::Telemetry,
+        Arc::clone(&metrics),
+    );
+    let mut ports = tokio::task::JoinSet::new();
+    ports.spawn(serve_port(
         listeners.public,
         public_router(Arc::clone(&app)),
-        Port::Api,
-        stop_rx.clone(),
-    );
-    let telemetry = serve_port(
+        Port::new(Wire::Undecided, &app, Arc::clone(&api_slots)),
+        stop_api_rx.clone(),
+        kill_rx.clone(),
+    ));
+    ports.spawn(serve_port(
         listeners.telemetry,
-        telemetry_router(app),
-        Port::Telemetry,
-        stop_rx,
+        telemetry_router(Arc::clone(&app)),
+        Port::new(Wire::Http1, &app, Arc::clone(&telemetry_slots)),
+        stop_telemetry_rx,
+        kill_rx.clone(),
+    ));
+    if let Some(listener) = listeners.metrics {
+        let slots = Slots::new(METRICS_CONNECTIONS, MetricPort::Metrics, metrics);
+        ports.spawn(serve_port(
+            listener,
+            metrics_router(Arc::clone(&app)),
+            Port::new(Wire::Http1, &app, slots),
+            stop_api_rx,
+            kill_rx,
+        ));
+    }
+    // A port that fails ends the proxy; otherwise the first signal does.
+    let failed = tokio::select! {
+        Some(result) = ports.join_next() => Some(port_result(result)),
+        () = signal(&mut signals) => None,
+    };
+    let mut drained = Drained::default();
+    if let Some(Err(e)) = failed {
+        let _ = kill.send(true);
+        abort_all([&upkeep, &fleet], forward, calibration);
+        return Err(e);
+    }
+    tracing::info!(
+        drain_secs = app.config.drain_timeout.as_secs_f64(),
+        "shutting down: no new API connections; draining requests (the telemetry port stays open while any is parked)"
     );
-    let servers = async { tokio::try_join!(public, telemetry) };
-    let drain_deadline = async {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections, draining in-flight requests");
-        let _ = stop_tx.send(true);
-        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    let _ = stop_api.send(true);
+    let deadline = tokio::time::sleep(app.config.drain_timeout);
+    let forced = tokio::select! {
+        () = api_slots.all_closed() => None,
+        () = deadline => Some(false),
+        () = signal(&mut signals) => Some(true),
     };
-    let result = tokio::select! {
-        r = servers => r.map(|_| ()),
-        _ = drain_deadline => {
-            tracing::warn!("drain timeout passed; dropping the remaining connections");
-            Ok(())
+    if let Some(forced) = forced {
+        let cut = app.requests.load(Ordering::Acquire);
+        drained.cut = cut;
+        app.metrics.guards.drain_cut.increment(cut as u64);
+        if forced {
+            tracing::warn!(cut, "second signal: cutting the running requests now");
+        } else {
+            tracing::warn!(cut, "drain timeout passed: cutting the running requests");
         }
-    };
-    upkeep.abort();
-    fleet.abort();
-    if let Some(forward) = forward {
-        forward.abort();
+        app.cut.cancel();
+        if !forced {
+            // Their error answers are written, unless a signal says now.
+            let written = async {
+                let _ = tokio::time::timeout(CUT_GRACE, api_slots.all_closed()).await;
+            };
+            tokio::select! {
+                () = written => {},
+                () = signal(&mut signals) => {},
+            }
+        }
     }
-    if let Some(calibration) = calibration {
-        calibration.abort();
+    let _ = stop_telemetry.send(true);
+    let _ = kill.send(true);
+    while let Some(result) = ports.join_next().await {
+        port_result(result)?;
     }
-    result
+    abort_all([&upkeep, &fleet], forward, calibration);
+    Ok(drained)
 }
 
-/// What a port speaks.
-#[derive(Clone, Copy, PartialEq)]
-enum Port {
-    /// The OpenAI API: HTTP/1.1 from SDKs and curl, h2c (prior knowledge)
-    /// from gateways; TCP_NODELAY, since SSE events go out one by one.
-    Api,
-    /// LMCache's telemetry: every event comes on a fresh connection
-    /// (Python urllib, `Connection: close`), so the per-connection cost is
-    /// the per-event cost. Plain HTTP/1.1, no protocol detection.
-    /// TCP_NODELAY all the same: other replicas forward events over
-    /// keep-alive connections, where a reply held back by Nagle behind a
-    /// delayed ACK would stall the next forward.
-    Telemetry,
+/// The next signal; a stream that has ended sends none.
+async fn signal(signals: &mut (impl Stream<Item = ()> + Unpin)) {
+    if signals.next().await.is_none() {
+        std::future::pending::<()>().await;
+    }
 }
 
-/// How long a new API connection may stay silent before its first bytes;
-/// after them hyper's own 30 s bound on request headers takes over.
-const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
+fn port_result(result: Result<io::Result<()>, tokio::task::JoinError>) -> io::Result<()> {
+    result.map_err(io::Error::other)?
+}
+
+fn abort_all(
+    tasks: [&tokio::task::JoinHandle<()>; 2],
+    forward: Option<tokio::task::JoinHandle<()>>,
+    calibration: Option<tokio::task::JoinHandle<()>>,
+) {
+    for task in tasks {
+        task.abort();
+    }
+    for task in [forward, calibration].into_iter().flatten() {
+        task.abort();
+    }
+}
+
+/// How one listener serves its connections.
+struct Port {
+    /// `Http1` for the telemetry and metrics ports (plain HTTP/1.1, no
+    /// protocol detection); `Undecided` for the API port, which speaks
+    /// HTTP/1.1 to SDKs and curl and h2c (prior knowledge) to gateways.
+    wire: Wire,
+    slots: Arc<Slots>,
+    builders: Arc<Builders>,
+    metrics: Arc<Metrics>,
+    send_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Port {
+    fn new(wire: Wire, app: &App, slots: Arc<Slots>) -> Self {
+        let idle = app.config.idle_timeout;
+        Port {
+            wire,
+            slots,
+            builders: Arc::new(Builders::new(idle)),
+            metrics: Arc::clone(&app.metrics),
+            send_timeout: app.config.send_timeout,
+            idle_timeout: idle,
+        }
+    }
+}
+
+/// An HTTP/2 connection is pinged this often, and closed when a ping goes
+/// this long unanswered: a peer that vanished without a FIN (a pod gone,
+/// a NAT entry dropped) does not hold its slot for ever.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
@@ -244,25 +390,40 @@ struct Builders {
     auto: auto::Builder<TokioExecutor>,
 }
 
-/// Accepts on `listener` until `stop` turns true, then lets the open
-/// connections finish (hyper closes idle keep-alive ones at once).
+impl Builders {
+    fn new(idle: Duration) -> Self {
+        let mut http1 = http1::Builder::new();
+        // A timer makes hyper bound the wait for request headers, which
+        // is also how long an idle keep-alive connection stays open.
+        http1.timer(TokioTimer::new()).header_read_timeout(idle);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEPALIVE)
+            .keep_alive_timeout(H2_KEEPALIVE);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(idle);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEPALIVE)
+            .keep_alive_timeout(H2_KEEPALIVE);
+        Builders { http1, http2, auto }
+    }
+}
+
+/// Accepts on `listener` until `stop` turns true; the open connections
+/// are then asked to finish (idle keep-alive ones close at once) until
+/// `kill` turns true, which drops them.
 async fn serve_port(
     listener: TcpListener,
     router: Router,
     port: Port,
     mut stop: watch::Receiver<bool>,
+    kill: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let graceful = GracefulShutdown::new();
-    let mut http1 = http1::Builder::new();
-    // A timer makes hyper bound the wait for request headers.
-    http1.timer(TokioTimer::new());
-    let mut auto = auto::Builder::new(TokioExecutor::new());
-    auto.http1().timer(TokioTimer::new());
-    let builders = Arc::new(Builders {
-        http1,
-        http2: http2::Builder::new(TokioExecutor::new()),
-        auto,
-    });
+    let port = Arc::new(port);
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -274,53 +435,124 @@ async fn serve_port(
             },
             () = stopped(&mut stop) => break,
         };
-        let service = TowerToHyperService::new(router.clone());
         let _ = tcp.set_nodelay(true);
-        if port == Port::Telemetry {
-            let connection =
-                graceful.watch(builders.http1.serve_connection(TokioIo::new(tcp), service));
-            tokio::spawn(connection);
+        let Some(slot) = port.slots.take() else {
+            // At the cap: said in one write, then closed, so the client
+            // learns why instead of waiting in the accept queue.
+            let _ = tcp.try_write(&limits::refusal(port.slots_port()));
             continue;
-        }
-        let (builders, watcher, mut stop) =
-            (Arc::clone(&builders), graceful.watcher(), stop.clone());
+        };
+        let (port, router, stop, kill) = (
+            Arc::clone(&port),
+            router.clone(),
+            stop.clone(),
+            kill.clone(),
+        );
         tokio::spawn(async move {
-            let wire = tokio::select! {
-                wire = tokio::time::timeout(FIRST_BYTES_TIMEOUT, sniff(&tcp)) => match wire {
-                    Ok(Some(wire)) => wire,
-                    // Silent, closed or reset before a byte: nothing to answer.
-                    Ok(None) | Err(_) => return,
-                },
-                // Nothing was read yet, so nothing is lost by closing.
-                () = stopped(&mut stop) => return,
-            };
-            let io = TokioIo::new(tcp);
-            match wire {
-                Wire::Http1 => {
-                    let _ = watcher
-                        .watch(builders.http1.serve_connection(io, service))
-                        .await;
-                }
-                Wire::H2c => {
-                    let _ = watcher
-                        .watch(builders.http2.serve_connection(io, service))
-                        .await;
-                }
-                Wire::Undecided => {
-                    let _ = watcher
-                        .watch(builders.auto.serve_connection(io, service))
-                        .await;
-                }
-            }
+            serve_connection(tcp, router, &port, stop, kill).await;
+            drop(slot);
         });
     }
-    drop(listener);
-    graceful.shutdown().await;
     Ok(())
 }
 
+impl Port {
+    fn slots_port(&self) -> MetricPort {
+        self.slots.port
+    }
+}
+
+/// One connection, start to end.
+async fn serve_connection(
+    tcp: TcpStream,
+    router: Router,
+    port: &Port,
+    mut stop: watch::Receiver<bool>,
+    mut kill: watch::Receiver<bool>,
+) {
+    let wire = match port.wire {
+        Wire::Undecided => tokio::select! {
+            wire = tokio::time::timeout(FIRST_BYTES_TIMEOUT.min(port.idle_timeout), sniff(&tcp)) => match wire {
+                Ok(Some(wire)) => wire,
+                // Silent, closed or reset before a byte: nothing to answer.
+                Ok(None) | Err(_) => return,
+            },
+            // Nothing was read yet, so nothing is lost by closing.
+            () = stopped(&mut stop) => return,
+            () = stopped(&mut kill) => return,
+        },
+        wire => wire,
+    };
+    let activity = Arc::new(Activity::default());
+    let service = Tracked {
+        router,
+        activity: Arc::clone(&activity),
+    };
+    let io = TokioIo::new(GuardedIo::new(
+        tcp,
+        port.send_timeout,
+        wire != Wire::H2c,
+        Arc::clone(&port.metrics),
+    ));
+    let builders = &port.builders;
+    match wire {
+        Wire::Http1 => {
+            let conn = builders.http1.serve_connection(io, service);
+            drive(conn, &activity, None, stop, kill, |c| c.graceful_shutdown()).await;
+        }
+        Wire::H2c => {
+            let conn = builders.http2.serve_connection(io, service);
+            let idle = Some(port.idle_timeout);
+            drive(conn, &activity, idle, stop, kill, |c| c.graceful_shutdown()).await;
+        }
+        Wire::Undecided => {
+            let conn = builders.auto.serve_connection(io, service);
+            let idle = Some(port.idle_timeout);
+            drive(conn, &activity, idle, stop, kill, |c| c.graceful_shutdown()).await;
+        }
+    }
+}
+
+/// Runs a connection until it ends; asks it to finish when `stop` turns
+/// true or, with `idle`, once no request has run on it for that long;
+/// drops it when `kill` does.
+async fn drive<C, E>(
+    conn: C,
+    activity: &Activity,
+    idle: Option<Duration>,
+    mut stop: watch::Receiver<bool>,
+    mut kill: watch::Receiver<bool>,
+    graceful: impl Fn(Pin<&mut C>),
+) where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    let idle_close = async {
+        match idle {
+            Some(idle) => activity.idle_for(idle).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(idle_close);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = stopped(&mut kill) => return,
+        () = stopped(&mut stop) => {},
+        () = &mut idle_close => {},
+    }
+    graceful(conn.as_mut());
+    tokio::select! {
+        _ = conn.as_mut() => {},
+        () = stopped(&mut kill) => {},
+    }
+}
+
+/// How long a new API connection may stay silent before its first bytes;
+/// after them hyper's header read timeout takes over.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What a connection's first bytes say it speaks.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Wire {
     Http1,
     H2c,

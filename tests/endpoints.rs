@@ -195,8 +195,8 @@ async fn unknown_routes_and_methods_answer_in_openai_shape() {
 
 #[tokio::test]
 async fn oversized_bodies_are_refused_before_upstream() {
-    let s = start(SimConfig::default(), &[]).await;
-    let huge = vec![b' '; pd_proxy::proxy::MAX_BODY_BYTES + 1];
+    let s = start(SimConfig::default(), &["--max-body-bytes", "65536"]).await;
+    let huge = vec![b' '; 65536 + 1];
     let resp = s
         .client
         .post(format!("{}/v1/chat/completions", s.url))

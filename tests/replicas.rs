@@ -20,7 +20,7 @@ struct Replica {
     telemetry_url: String,
     app: Arc<App>,
     stop: Option<oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: tokio::task::JoinHandle<std::io::Result<pd_proxy::server::Drained>>,
 }
 
 impl Replica {

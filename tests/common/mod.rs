@@ -21,7 +21,7 @@ pub struct Stack {
     pub app: Arc<App>,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<pd_proxy::server::Drained>>>,
 }
 
 /// The proxy's flags for one prefiller and one decoder.
@@ -120,22 +120,27 @@ pub fn serve_app(
     telemetry: TcpListener,
 ) -> (
     oneshot::Sender<()>,
-    tokio::task::JoinHandle<std::io::Result<()>>,
+    tokio::task::JoinHandle<std::io::Result<pd_proxy::server::Drained>>,
 ) {
     let (stop, stopped) = oneshot::channel::<()>();
+    let signals = futures_util::stream::once(async move {
+        let _ = stopped.await;
+    });
     let server = tokio::spawn(pd_proxy::serve(
-        Listeners { public, telemetry },
-        app,
-        async move {
-            let _ = stopped.await;
+        Listeners {
+            public,
+            telemetry,
+            metrics: None,
         },
+        app,
+        Box::pin(signals),
     ));
     (stop, server)
 }
 
 impl Stack {
     /// Signals shutdown and waits (bounded) for `serve` to return.
-    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+    pub async fn shutdown(&mut self) -> std::io::Result<pd_proxy::server::Drained> {
         let _ = self.stop.take().expect("shut down once").send(());
         let server = self.server.take().expect("shut down once");
         tokio::time::timeout(Duration::from_secs(10), server)
