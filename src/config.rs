@@ -505,36 +505,33 @@ impl Args {
                     .map(str::to_owned),
             );
             if api_keys.is_empty() {
-                return Err(format!(
-                    "--api-key-file {} holds no key",
-                    path.display()
-                ));
+                return Err(format!("--api-key-file {} holds no key", path.display()));
             }
         }
-        if let Some(bad) = api_keys.iter().find(|k| {
-            k.len() > MAX_SECRET_BYTES || !k.bytes().all(|b| b.is_ascii_graphic())
-        }) {
+        if let Some(bad) = api_keys
+            .iter()
+            .find(|k| k.len() > MAX_SECRET_BYTES || !k.bytes().all(|b| b.is_ascii_graphic()))
+        {
             return Err(format!(
                 "an API key of {} bytes is not printable ASCII of at most {MAX_SECRET_BYTES} bytes",
                 bad.len()
             ));
         }
-        let telemetry_token = match (self.telemetry_token, self.telemetry_token_file) {
-            (Some(_), Some(_)) => {
-                return Err(
+        let telemetry_token =
+            match (self.telemetry_token, self.telemetry_token_file) {
+                (Some(_), Some(_)) => return Err(
                     "give the telemetry token once: --telemetry-token or --telemetry-token-file"
                         .into(),
-                )
-            }
-            (Some(token), None) => Some(token.trim().to_owned()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(&path)
-                    .map_err(|e| format!("--telemetry-token-file {}: {e}", path.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        };
+                ),
+                (Some(token), None) => Some(token.trim().to_owned()),
+                (None, Some(path)) => Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| format!("--telemetry-token-file {}: {e}", path.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                (None, None) => None,
+            };
         if let Some(token) = &telemetry_token {
             // It travels in a URL's query: only characters that need no
             // escaping there, so LMCache's URL and ours agree byte for byte.

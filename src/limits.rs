@@ -165,7 +165,9 @@ impl<T> GuardedIo<T> {
                 }
                 sleep
             }
-            None => self.stall.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => self
+                .stall
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
         self.stalled = true;
         match sleep.as_mut().poll(cx) {
@@ -294,10 +296,7 @@ fn shape_hyper_error(buf: &[u8]) -> Option<Bytes> {
     let (status, message) = if buf.starts_with(b"HTTP/1.1 400 ") {
         (400, "the request could not be parsed as HTTP/1.1")
     } else if buf.starts_with(b"HTTP/1.1 431 ") {
-        (
-            431,
-            "the request's headers are too large or too many",
-        )
+        (431, "the request's headers are too large or too many")
     } else if buf.starts_with(b"HTTP/1.1 414 ") {
         (414, "the request's URI is too long")
     } else {
@@ -308,7 +307,9 @@ fn shape_hyper_error(buf: &[u8]) -> Option<Bytes> {
     if head_end + 4 != buf.len() {
         return None;
     }
-    let head = std::str::from_utf8(&buf[..head_end]).ok()?.to_ascii_lowercase();
+    let head = std::str::from_utf8(&buf[..head_end])
+        .ok()?
+        .to_ascii_lowercase();
     if !head.lines().any(|l| l.trim() == "content-length: 0") {
         return None;
     }
@@ -484,8 +485,12 @@ mod tests {
         assert_eq!(v["error"]["code"], 431);
         assert!(text.contains(&format!("content-length: {}\r\n", body.len())));
         // The proxy's own answers have bodies and are left alone.
-        assert!(shape_hyper_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\n").is_none());
-        assert!(shape_hyper_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nx").is_none());
+        assert!(
+            shape_hyper_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\n").is_none()
+        );
+        assert!(
+            shape_hyper_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nx").is_none()
+        );
         assert!(shape_hyper_error(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());
     }
 }

@@ -15,7 +15,8 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let matches = Args::command().get_matches();
-    let cap_given = matches.value_source("max_connections")
+    let cap_given = matches
+        .value_source("max_connections")
         .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue);
     let on_command_line: Vec<&str> = ["cluster_key", "api_key", "telemetry_token"]
         .into_iter()

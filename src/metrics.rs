@@ -393,6 +393,10 @@ pub struct Guards {
     pub pending_full: Counter,
     timeouts: [Counter; 3],
     pub drain_cut: Counter,
+    /// When a connection was last refused at each port's cap, in ms after
+    /// `epoch` (0: never), so a KV timeout can say it may be why.
+    last_refused: [std::sync::atomic::AtomicU64; 3],
+    epoch: std::time::Instant,
 }
 
 impl Guards {
@@ -432,7 +436,8 @@ impl Guards {
         };
         Guards {
             connections: ports.map(|labels| {
-                recorder.register_gauge(&Key::from_static_parts(OPEN_CONNECTIONS, labels), &METADATA)
+                recorder
+                    .register_gauge(&Key::from_static_parts(OPEN_CONNECTIONS, labels), &METADATA)
             }),
             connections_refused: ports.map(|labels| {
                 recorder.register_counter(
@@ -448,6 +453,8 @@ impl Guards {
                 timeout(&SEND_TIMEOUT_LABELS),
             ],
             drain_cut: recorder.register_counter(&Key::from_static_name(DRAIN_CUT), &METADATA),
+            last_refused: Default::default(),
+            epoch: std::time::Instant::now(),
         }
     }
 
@@ -457,6 +464,14 @@ impl Guards {
 
     pub fn connection_refused(&self, port: Port) {
         self.connections_refused[port.index()].increment(1);
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.last_refused[port.index()].store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A connection was refused at `port`'s cap within the last minute.
+    pub fn refused_lately(&self, port: Port) -> bool {
+        let at = self.last_refused[port.index()].load(std::sync::atomic::Ordering::Relaxed);
+        at > 0 && self.epoch.elapsed().as_millis() as u64 + 1 - at < 60_000
     }
 
     pub fn timeout(&self, kind: TimeoutKind) {
@@ -594,8 +609,7 @@ impl Metrics {
     }
 }
 
-static STORE_FINISHED_LABELS: [Label; 1] =
-    [Label::from_static_parts("event", KNOWN_EVENTS[0])];
+static STORE_FINISHED_LABELS: [Label; 1] = [Label::from_static_parts("event", KNOWN_EVENTS[0])];
 static OTHER_EVENT_LABELS: [Label; 1] = [Label::from_static_parts("event", "other")];
 static REFUSED_TOKEN_LABELS: [Label; 1] = [Label::from_static_parts("reason", "token")];
 static REFUSED_WORLD_SIZE_LABELS: [Label; 1] = [Label::from_static_parts("reason", "world_size")];

@@ -201,7 +201,9 @@ async fn run(
         let (app, raw) = (Arc::clone(app), raw.clone());
         tokio::task::spawn_blocking(move || parse(&app, api, &raw))
             .await
-            .map_err(|e| ProxyError::bad_request(format!("the request could not be parsed: {e}"), None))??
+            .map_err(|e| {
+                ProxyError::bad_request(format!("the request could not be parsed: {e}"), None)
+            })??
     };
     log.stream = stream;
     log.route = route;
@@ -226,7 +228,7 @@ async fn run(
         if let Some(refusal) = Box::pin(prefill(app, ask, prefill_body, size, log)).await? {
             return Ok(refusal);
         }
-        await_kv(app, guard, kv_ready, log).await?;
+        await_kv(app, ask.id, guard, kv_ready, log).await?;
     }
     let answer = Box::pin(decode(app, ask, raw)).await?;
     Box::pin(relay(app, answer, log)).await
@@ -535,12 +537,15 @@ async fn prefill(
 /// the parked entry. Timing out follows `--on-kv-timeout`.
 async fn await_kv(
     app: &App,
+    id: RequestId,
     guard: ParkedGuard,
     kv_ready: oneshot::Receiver<()>,
     log: &mut RequestLog,
 ) -> Result<(), ProxyError> {
     let started = Instant::now();
     let ready = timeout(app.config.kv_ready_timeout, kv_ready).await;
+    // Asked before the guard gives the entry up.
+    let refused = app.pending.refused_events(id);
     drop(guard);
     let waited = started.elapsed();
     log.kv_wait = Some(waited);
@@ -552,20 +557,39 @@ async fn await_kv(
     }
     app.metrics.kv_timeouts.increment(1);
     let secs = app.config.kv_ready_timeout.as_secs_f64();
+    let reason = kv_missing_reason(app, refused);
     match app.config.on_kv_timeout {
         KvTimeoutPolicy::Decode => {
             tracing::warn!(
                 secs,
-                "KV-ready timed out; decoding anyway (the decoder recomputes)"
+                reason,
+                "KV-ready timed out; decoding without it (the decoder recomputes the prompt)"
             );
             log.kv_timed_out = true;
             Ok(())
         }
         KvTimeoutPolicy::Fail => {
-            tracing::warn!(secs, "KV-ready timed out; failing the request");
+            tracing::warn!(secs, reason, "KV-ready timed out; failing the request");
             Err(ProxyError::KvTimeout { secs })
         }
     }
+}
+
+/// Why a request's KV was not reported in time, as far as the proxy can
+/// tell: a refused event or a full telemetry port is a fault to fix, not
+/// a slow store, and must not pass for one.
+fn kv_missing_reason(app: &App, refused_events: u16) -> &'static str {
+    if refused_events > 0 {
+        return "events for it were refused (a world_size larger than its first event's): see pd_proxy_telemetry_refused_total";
+    }
+    if app
+        .metrics
+        .guards
+        .refused_lately(crate::metrics::Port::Telemetry)
+    {
+        return "the telemetry port refused connections at its cap: see pd_proxy_connections_refused_total";
+    }
+    "no store-finished event from every rank arrived in time (late, lost, or refused for a bad token)"
 }
 
 /// Decoders tried after the first when a connection cannot be made. The
@@ -689,7 +713,8 @@ async fn relay(
     if !sse {
         // Read whole before the client hears anything, so a decoder that
         // breaks mid-body is a 502, not a truncated 200.
-        let (status, headers, body) = bounded(app, Leg::Decode, &decoder, read_whole(response)).await?;
+        let (status, headers, body) =
+            bounded(app, Leg::Decode, &decoder, read_whole(response)).await?;
         let elapsed = started.elapsed();
         log.decode_ttfb = Some(elapsed);
         app.metrics.decode_ttfb_seconds.record(elapsed);
@@ -1199,7 +1224,9 @@ impl RelayBody {
                 }
                 sleep
             }
-            None => self.idle.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => self
+                .idle
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
         if idle.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Cut::Idle(limit));
@@ -1239,7 +1266,8 @@ impl RelayBody {
                 self.log.outcome = Outcome::Cut;
                 tracing::warn!(parent: &self.log.span, "the shutdown drain ended; cutting the stream");
                 (
-                    "the proxy is shutting down and its drain time is up; the answer is incomplete".to_owned(),
+                    "the proxy is shutting down and its drain time is up; the answer is incomplete"
+                        .to_owned(),
                     "ServiceUnavailableError",
                     503,
                 )

@@ -193,7 +193,9 @@ const CUT_GRACE: Duration = Duration::from_secs(1);
 /// itself, a prefill and a decode connection.
 pub fn connection_cap(wanted: usize, fd_limit: u64) -> usize {
     let carried = fd_limit.saturating_sub(FD_RESERVE) / 3;
-    wanted.min(usize::try_from(carried).unwrap_or(usize::MAX)).max(1)
+    wanted
+        .min(usize::try_from(carried).unwrap_or(usize::MAX))
+        .max(1)
 }
 
 /// Serves every port until the first item of `signals`; then stops

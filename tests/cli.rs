@@ -129,3 +129,151 @@ fn a_telemetry_port_equal_to_the_api_port_is_refused() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--telemetry-port 8000"), "{err}");
 }
+
+/// Starts the binary under `ulimit -Sn 256` and waits until it listens.
+fn spawn_listening(args: &[String], port: u16, telemetry: u16) -> std::process::Child {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256; exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("OPENAI_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let up = |p: u16| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok();
+    while !(up(port) && up(telemetry)) {
+        assert!(Instant::now() < deadline, "pd-proxy did not listen");
+        assert!(child.try_wait().unwrap().is_none(), "pd-proxy exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn sigterm(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (bounded) for the exit; returns its code and stderr.
+fn exited(mut child: std::process::Child) -> (Option<i32>, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("pd-proxy did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (child.wait().unwrap().code(), err)
+}
+
+fn proxy_args(port: u16, telemetry: u16, upstream: u16, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--telemetry-port",
+        &telemetry.to_string(),
+        "--prefiller-port",
+        &upstream.to_string(),
+        "--decoder-port",
+        &upstream.to_string(),
+        "--prefiller-host",
+        "127.0.0.1",
+        "--decoder-host",
+        "127.0.0.1",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn raises_its_file_limit_and_exits_zero_after_a_clean_drain() {
+    let (port, telemetry, upstream) = (free_port(), free_port(), free_port());
+    let child = spawn_listening(&proxy_args(port, telemetry, upstream, &[]), port, telemetry);
+    sigterm(&child);
+    let (code, err) = exited(child);
+    assert_eq!(code, Some(0), "{err}");
+    let hard = Command::new("sh")
+        .args(["-c", "ulimit -Hn"])
+        .output()
+        .unwrap();
+    let hard = String::from_utf8(hard.stdout).unwrap();
+    let fd_limit = err
+        .split("fd_limit=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no fd_limit in the log: {err}"));
+    match hard.trim().parse::<u64>() {
+        Ok(hard) if hard > 256 => assert_eq!(fd_limit, hard.to_string(), "{err}"),
+        _ => assert!(fd_limit.parse::<u64>().unwrap() >= 256, "{err}"),
+    }
+}
+
+#[test]
+fn exits_non_zero_when_the_drain_cuts_a_stream() {
+    const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
+    let (port, telemetry, prefill, decode) = (free_port(), free_port(), free_port(), free_port());
+    let mut sim = Command::new(SIM)
+        .args([
+            "--prefiller-port",
+            &prefill.to_string(),
+            "--decoder-port",
+            &decode.to_string(),
+            "--telemetry-url",
+            &format!("http://127.0.0.1:{telemetry}/api/v1/telemetry"),
+            "--token-delay-ms",
+            "200",
+            "--default-tokens",
+            "1000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut args = proxy_args(port, telemetry, prefill, &["--drain-timeout", "0.5"]);
+    let at = args.iter().position(|a| a == "--decoder-port").unwrap();
+    args[at + 1] = decode.to_string();
+    let child = spawn_listening(&args, port, telemetry);
+    // A long stream, read slowly in the background.
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = r#"{"model":"sim-model","prompt":"Tell me a long story.","stream":true}"#;
+    std::io::Write::write_all(
+        &mut tcp,
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let n = std::io::Read::read(&mut tcp, &mut first).unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
+    sigterm(&child);
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut tcp, &mut rest);
+    let (code, err) = exited(child);
+    sim.kill().unwrap();
+    sim.wait().unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cut"), "{err}");
+    assert!(
+        rest.contains("shutting down"),
+        "the stream ends with the cut's error event: {rest}"
+    );
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+}
