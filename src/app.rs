@@ -42,6 +42,9 @@ pub struct App {
     /// ends with an error its client can see (an SSE error event, a 503)
     /// rather than a connection closed mid-answer.
     pub cut: CancellationToken,
+    /// Request bodies held in memory at once, in KiB, across all requests:
+    /// [`App::BODY_BUDGET_BODIES`] bodies at `--max-body-bytes`.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -53,6 +56,7 @@ impl App {
     /// For tests and embedders that decide what names resolve to.
     pub fn with_resolver(config: Config, resolver: Arc<dyn Resolve>) -> Arc<Self> {
         let metrics = Metrics::new();
+        let max_body_bytes = config.max_body_bytes;
         let client = upstream::client();
         let (forwarder, forward_task) = Forwarder::new(client.clone(), Arc::clone(&metrics));
         Arc::new(App {
@@ -67,11 +71,27 @@ impl App {
             config,
             requests: AtomicUsize::new(0),
             cut: CancellationToken::new(),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(
+                (config_body_budget_kib(max_body_bytes)).min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         })
     }
 }
 
+/// The body budget in KiB for `--max-body-bytes`.
+fn config_body_budget_kib(max_body_bytes: usize) -> usize {
+    max_body_bytes
+        .saturating_mul(App::BODY_BUDGET_BODIES)
+        .div_ceil(1024)
+}
+
 impl App {
+    /// Bodies at the size limit that may be held at once. Each costs up to
+    /// about three times its size while parsed, so with the default limit
+    /// (32 MiB) all of them fit the sidecar's 512 MiB only as the worst
+    /// case; ordinary bodies (kilobytes) number in the tens of thousands.
+    pub const BODY_BUDGET_BODIES: usize = 6;
+
     /// Ids as this replica makes them: owner-routed with a cluster key,
     /// plain without.
     pub fn ids(&self) -> &Ids {

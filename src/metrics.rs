@@ -353,6 +353,7 @@ fn leg_labels(leg: Leg) -> &'static [Label] {
 pub const OPEN_CONNECTIONS: &str = "pd_proxy_open_connections";
 pub const CONNECTIONS_REFUSED: &str = "pd_proxy_connections_refused_total";
 pub const PENDING_FULL: &str = "pd_proxy_pending_full_total";
+pub const BODY_BUDGET_FULL: &str = "pd_proxy_body_budget_full_total";
 pub const TIMEOUTS: &str = "pd_proxy_timeouts_total";
 pub const DRAIN_CUT: &str = "pd_proxy_drain_cut_total";
 
@@ -391,6 +392,7 @@ pub struct Guards {
     connections: [Gauge; 3],
     connections_refused: [Counter; 3],
     pub pending_full: Counter,
+    pub body_budget_full: Counter,
     timeouts: [Counter; 3],
     pub drain_cut: Counter,
     /// When a connection was last refused at each port's cap, in ms after
@@ -415,6 +417,11 @@ impl Guards {
             PENDING_FULL.into(),
             None,
             "Requests answered 503 because --max-pending requests were already parked.".into(),
+        );
+        recorder.describe_counter(
+            BODY_BUDGET_FULL.into(),
+            None,
+            "Requests answered 503 because the request bodies held at once reached their budget (6 x --max-body-bytes).".into(),
         );
         recorder.describe_counter(
             TIMEOUTS.into(),
@@ -447,6 +454,8 @@ impl Guards {
             }),
             pending_full: recorder
                 .register_counter(&Key::from_static_name(PENDING_FULL), &METADATA),
+            body_budget_full: recorder
+                .register_counter(&Key::from_static_name(BODY_BUDGET_FULL), &METADATA),
             timeouts: [
                 timeout(&BODY_TIMEOUT_LABELS),
                 timeout(&STREAM_IDLE_TIMEOUT_LABELS),

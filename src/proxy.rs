@@ -188,7 +188,8 @@ async fn run(
         .map_err(|message| ProxyError::bad_request(message, Some("x-prefiller-host-port")))?;
     ask.prefillers = named.as_deref();
     let api = ask.api;
-    let raw = read_body(app, body, content_length).await?;
+    // Held until the request's bodies are sent: the budget counts them.
+    let (raw, _budget) = read_body(app, body, content_length).await?;
     let Parsed {
         prefill_body,
         prompts,
@@ -266,17 +267,23 @@ fn parse(app: &App, api: Api, raw: &[u8]) -> Result<Parsed, ProxyError> {
 /// `--body-timeout`. A declared length past the limit is refused before a
 /// byte is read; otherwise the buffer is sized from it once, so a large
 /// body costs its size once, not a list of chunks plus their copy.
+///
+/// Every byte read is first taken from the app's body budget: bodies held
+/// at once, across all requests, stay within it, so many large requests
+/// together get 503s rather than the pod killed for memory.
 async fn read_body(
     app: &App,
     body: Body,
     content_length: Option<u64>,
-) -> Result<Bytes, ProxyError> {
+) -> Result<(Bytes, BodyBudget), ProxyError> {
     let limit = app.config.max_body_bytes;
-    let too_large = ProxyError::PayloadTooLarge { limit };
     if content_length.is_some_and(|n| n > limit as u64) {
-        return Err(too_large);
+        return Err(ProxyError::PayloadTooLarge { limit });
     }
-    let mut buf = BytesMut::with_capacity(content_length.map_or(0, |n| n as usize));
+    let mut budget = BodyBudget::default();
+    let declared = content_length.map_or(0, |n| n as usize);
+    budget.take(app, declared)?;
+    let mut buf = BytesMut::with_capacity(declared);
     let mut body = body;
     let read = async {
         while let Some(frame) = body.frame().await {
@@ -284,16 +291,18 @@ async fn read_body(
                 ProxyError::bad_request(format!("could not read the request body: {e}"), None)
             })?;
             if let Ok(data) = frame.into_data() {
-                if buf.len() + data.len() > limit {
+                let len = buf.len() + data.len();
+                if len > limit {
                     return Err(ProxyError::PayloadTooLarge { limit });
                 }
+                budget.take(app, len)?;
                 buf.extend_from_slice(&data);
             }
         }
         Ok(())
     };
     match timeout(app.config.body_timeout, read).await {
-        Ok(Ok(())) => Ok(buf.freeze()),
+        Ok(Ok(())) => Ok((buf.freeze(), budget)),
         Ok(Err(e)) => Err(e),
         Err(_) => {
             app.metrics.guards.timeout(TimeoutKind::Body);
@@ -302,6 +311,36 @@ async fn read_body(
                 app.config.body_timeout.as_secs_f64()
             )))
         }
+    }
+}
+
+/// A request's share of the body budget, in KiB, given back when dropped.
+#[derive(Default)]
+struct BodyBudget {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl BodyBudget {
+    /// Grows the share to cover `bytes`; a 503 when the budget is spent.
+    fn take(&mut self, app: &App, bytes: usize) -> Result<(), ProxyError> {
+        let want = bytes.div_ceil(1024);
+        let held = self.permit.as_ref().map_or(0, |p| p.num_permits());
+        if want <= held {
+            return Ok(());
+        }
+        let more = u32::try_from(want - held).unwrap_or(u32::MAX);
+        let Ok(permit) = Arc::clone(&app.body_budget).try_acquire_many_owned(more) else {
+            app.metrics.guards.body_budget_full.increment(1);
+            return Err(ProxyError::Overloaded {
+                message: "the proxy holds as many request bodies in memory as it allows; try again shortly".into(),
+                retry_after: 1,
+            });
+        };
+        match &mut self.permit {
+            Some(held) => held.merge(permit),
+            None => self.permit = Some(permit),
+        }
+        Ok(())
     }
 }
 

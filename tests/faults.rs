@@ -637,3 +637,33 @@ async fn the_metrics_port_serves_without_a_key() {
     let text = common::get_text(&reqwest::Client::new(), &format!("http://{addr}/metrics")).await;
     assert!(text.contains("pd_proxy_pending_requests"), "{text}");
 }
+
+#[tokio::test]
+async fn bodies_held_at_once_stay_within_their_budget() {
+    // The budget is six bodies at the limit: 6 x 8 KiB.
+    let s = start(SimConfig::default(), &["--max-body-bytes", "8192"]).await;
+    let addr = host(&s.url).to_owned();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 8192\r\n\r\n{";
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        let mut tcp = TcpStream::connect(&addr).await.unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        open.push(tcp);
+    }
+    common::wait_until("six bodies in the budget", || async {
+        s.app.body_budget.available_permits() == 0
+    })
+    .await;
+    let answer = raw(&addr, head.as_bytes()).await;
+    let (status, body) = parse_answer(&answer);
+    assert_eq!(status, 503, "{answer}");
+    assert_openai_error(&body, 503);
+    assert!(answer.to_ascii_lowercase().contains("retry-after: 1"));
+    drop(open);
+    common::wait_until("the budget is given back", || async {
+        s.app.body_budget.available_permits() == 48
+    })
+    .await;
+    let resp = s.post("/v1/chat/completions", chat_body(false)).await;
+    assert_eq!(resp.status(), 200);
+}
