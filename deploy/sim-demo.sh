@@ -8,6 +8,7 @@
 #
 # Ports: PD_PROXY_PORT (8000), PD_TELEMETRY_PORT (5768),
 #        PD_PREFILL_PORT (8100), PD_DECODE_PORT (8200).
+# PD_TELEMETRY_TOKEN: the telemetry token (random unless set), as up.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,9 @@ proxy_port=${PD_PROXY_PORT:-8000}
 telemetry_port=${PD_TELEMETRY_PORT:-5768}
 prefill_port=${PD_PREFILL_PORT:-8100}
 decode_port=${PD_DECODE_PORT:-8200}
+# pd-proxy refuses (403) telemetry posted without it. pd-proxy reads it from
+# its environment; pd-sim, a test stand-in for LMCache, from its URL flag.
+telemetry_token=${PD_TELEMETRY_TOKEN:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 
 cargo build --release --bins
 bin=target/release
@@ -29,10 +33,10 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 "$bin/pd-sim" --prefiller-port "$prefill_port" --decoder-port "$decode_port" \
-  --telemetry-url "http://127.0.0.1:$telemetry_port/api/v1/telemetry" \
+  --telemetry-url "http://127.0.0.1:$telemetry_port/api/v1/telemetry?token=$telemetry_token" \
   --token-delay-ms 20 >"$run_dir/pd-sim.log" 2>&1 &
 pids+=($!)
-"$bin/pd-proxy" --host 127.0.0.1 --port "$proxy_port" \
+PD_PROXY_TELEMETRY_TOKEN=$telemetry_token "$bin/pd-proxy" --host 127.0.0.1 --port "$proxy_port" \
   --prefiller-host 127.0.0.1 --prefiller-port "$prefill_port" \
   --decoder-host 127.0.0.1 --decoder-port "$decode_port" \
   --telemetry-port "$telemetry_port" 2>"$run_dir/pd-proxy.log" &

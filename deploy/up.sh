@@ -12,9 +12,16 @@
 # Mooncake's HTTP metadata server on LMCache's HTTP port, ports already in
 # use, missing binaries/model/RDMA device/LMCache Mooncake extension, a stack
 # already running in PD_RUN_DIR. Values that must agree are derived, not set:
-# the prefiller's telemetry endpoint from PD_TELEMETRY_PORT, the adapter's
-# master_server_addr from PD_MASTER_RPC_PORT, the proxy's upstream ports from
-# the vLLM ports.
+# the prefiller's telemetry endpoint from PD_TELEMETRY_PORT and
+# PD_TELEMETRY_TOKEN, the adapter's master_server_addr from
+# PD_MASTER_RPC_PORT, the proxy's upstream ports from the vLLM ports.
+#
+# The telemetry token (PD_TELEMETRY_TOKEN, random unless set) reaches pd-proxy
+# (PD_PROXY_TELEMETRY_TOKEN) and the prefiller (in
+# LMCACHE_REQUEST_TELEMETRY_ENDPOINT) through their environments only: `ps`
+# shows command lines to every user. The printed and recorded commands write
+# it as "$PD_TELEMETRY_TOKEN"; PD_RUN_DIR (stack.env, the prefiller's log,
+# which LMCache writes its endpoint to) is readable by its owner only.
 #
 # Each process runs in its own process group (setsid), with its log
 # (NAME.log), PID file (NAME.pid) and command line (NAME.cmd) in PD_RUN_DIR.
@@ -150,6 +157,9 @@ if [ "$PD_PROFILE" = gpu ] && [ "$PD_PREFILL_GPU" = "$PD_DECODE_GPU" ]; then
   config_problem "PD_PREFILL_GPU and PD_DECODE_GPU are both '$PD_PREFILL_GPU': the prefiller and decoder need different GPUs"
 fi
 [ -n "$PD_MODEL" ] || config_problem "PD_MODEL is empty"
+# pd-proxy's own rule (--telemetry-token); the value is never printed.
+[[ "$PD_TELEMETRY_TOKEN" =~ ^[A-Za-z0-9._~-]{16,512}$ ]] ||
+  config_problem "PD_TELEMETRY_TOKEN (${#PD_TELEMETRY_TOKEN} characters): must be 16 to 512 characters of A-Z a-z 0-9 - _ . ~ (it goes in a URL); unset it for a random one"
 
 # Addresses the stack's own clients use (a wildcard bind is reached on loopback).
 connect_host() { case "$1" in 0.0.0.0 | "::" | "") echo 127.0.0.1 ;; *) echo "$1" ;; esac; }
@@ -159,6 +169,8 @@ master_host=$(connect_host "$PD_MASTER_HOST")
 
 # Derived values (the checklist's "must match" pairs).
 telemetry_endpoint="http://$host:$PD_TELEMETRY_PORT/api/v1/telemetry"
+# What LMCache posts to: pd-proxy refuses (403) posts without the token.
+telemetry_url="$telemetry_endpoint?token=$PD_TELEMETRY_TOKEN"
 master_server_addr="$master_host:$PD_MASTER_RPC_PORT"
 kv_transfer_config=$(printf '{"kv_connector":"LMCacheMPConnector","kv_role":"kv_both","kv_connector_extra_config":{"lmcache.mp.host":"tcp://%s","lmcache.mp.port":%s}}' \
   "$lmcache_host" "$PD_LMCACHE_PORT")
@@ -284,8 +296,8 @@ vllm_cmd() { # role port gpu -> sets vllm_cmd_out
   fi
   envs+=(LMCACHE_DISABLE_BANNER=1)
   if [ "$role" = prefiller ]; then
-    envs+=(LMCACHE_REQUEST_TELEMETRY_TYPE="$PD_TELEMETRY_TYPE"
-      LMCACHE_REQUEST_TELEMETRY_ENDPOINT="$telemetry_endpoint")
+    # LMCACHE_REQUEST_TELEMETRY_ENDPOINT holds the token: see prefiller_env.
+    envs+=(LMCACHE_REQUEST_TELEMETRY_TYPE="$PD_TELEMETRY_TYPE")
   fi
   vllm_cmd_out=(env "${envs[@]}" "$PD_VLLM_BIN" serve "$PD_MODEL"
     --host "$PD_HOST" --port "$port")
@@ -300,6 +312,23 @@ vllm_cmd decoder "$PD_DECODE_PORT" "$PD_DECODE_GPU"
 decoder_cmd=("${vllm_cmd_out[@]}")
 vllm_cmd prefiller "$PD_PREFILL_PORT" "$PD_PREFILL_GPU"
 prefiller_cmd=("${vllm_cmd_out[@]}")
+
+# Settings that hold the token: each goes into its process's environment,
+# not onto a command line (see launch).
+proxy_env=(PD_PROXY_TELEMETRY_TOKEN="$PD_TELEMETRY_TOKEN")
+prefiller_env=(LMCACHE_REQUEST_TELEMETRY_ENDPOINT="$telemetry_url")
+
+# NAME=VALUE settings as a shell writes them before a command, the token
+# as a reference: "...$PD_TELEMETRY_TOKEN...". A shell with PD_TELEMETRY_TOKEN
+# set runs the line as is.
+show_env() {
+  local out="" word value
+  for word in "$@"; do
+    value=${word#*=}
+    out+="${word%%=*}=\"${value//"$PD_TELEMETRY_TOKEN"/\$PD_TELEMETRY_TOKEN}\" "
+  done
+  printf '%s' "$out"
+}
 
 # A command line that a shell runs as is: plain words bare, others in '...'.
 show() {
@@ -328,11 +357,11 @@ if $dry_run; then
   echo "# 2. lmcache (ready: GET http://$lmcache_host:$PD_LMCACHE_HTTP_PORT/)"
   show "${lmcache_cmd[@]}"; echo
   echo "# 3. pd-proxy (ready: GET http://$host:$PD_PROXY_PORT/health)"
-  show "${proxy_cmd[@]}"; echo
+  show_env "${proxy_env[@]}"; show "${proxy_cmd[@]}"; echo
   echo "# 4. decoder (ready: GET http://$host:$PD_DECODE_PORT/health)"
   show "${decoder_cmd[@]}"; echo
   echo "# 5. prefiller (ready: GET http://$host:$PD_PREFILL_PORT/health)"
-  show "${prefiller_cmd[@]}"; echo
+  show_env "${prefiller_env[@]}"; show "${prefiller_cmd[@]}"; echo
   exit 0
 fi
 
@@ -340,6 +369,8 @@ fi
 # 3. Start, in order, waiting for each.
 # ---------------------------------------------------------------------------
 mkdir -p "$PD_RUN_DIR"
+# Its stack.env and the prefiller's log hold the telemetry token.
+chmod 700 "$PD_RUN_DIR"
 rm -f "$PD_RUN_DIR"/*.pid "$PD_RUN_DIR"/*.log "$PD_RUN_DIR"/*.cmd "$PD_RUN_DIR/stack.env"
 [ -z "$l2_note" ] || say "$l2_note"
 
@@ -363,15 +394,21 @@ on_exit() {
 }
 trap on_exit EXIT
 
+launch_env=() # NAME=VALUE settings for the next launch's environment only
 launch() { # name cmd...
   local name=$1
   shift
-  show "$@" >"$PD_RUN_DIR/$name.cmd"
-  echo >>"$PD_RUN_DIR/$name.cmd"
+  { show_env "${launch_env[@]}"; show "$@"; echo; } >"$PD_RUN_DIR/$name.cmd"
   # Not a process-group leader (no job control here), so setsid(1) does not
-  # fork: $! is the new group's leader and its id is the group's id.
-  setsid "$@" </dev/null >"$PD_RUN_DIR/$name.log" 2>&1 &
+  # fork: $! is the new group's leader and its id is the group's id. The
+  # subshell exports launch_env and becomes setsid: no `env NAME=VALUE`
+  # word ever shows the values on a command line.
+  (
+    for setting in "${launch_env[@]}"; do export "${setting?}"; done
+    exec setsid "$@" </dev/null >"$PD_RUN_DIR/$name.log" 2>&1
+  ) &
   local pid=$!
+  launch_env=()
   echo "$pid" >"$PD_RUN_DIR/$name.pid"
   started=true
   say "started $name (pid $pid, log $PD_RUN_DIR/$name.log)"
@@ -422,6 +459,7 @@ launch lmcache "${lmcache_cmd[@]}"
 wait_http lmcache "http://$lmcache_host:$PD_LMCACHE_HTTP_PORT/" "$PD_LMCACHE_START_TIMEOUT"
 wait_port lmcache "$lmcache_host" "$PD_LMCACHE_PORT" "$PD_START_TIMEOUT"
 
+launch_env=("${proxy_env[@]}")
 launch pd-proxy "${proxy_cmd[@]}"
 wait_http pd-proxy "http://$host:$PD_PROXY_PORT/health" "$PD_START_TIMEOUT"
 wait_port pd-proxy "$host" "$PD_TELEMETRY_PORT" "$PD_START_TIMEOUT"
@@ -429,10 +467,14 @@ wait_port pd-proxy "$host" "$PD_TELEMETRY_PORT" "$PD_START_TIMEOUT"
 launch decoder "${decoder_cmd[@]}"
 wait_http decoder "http://$host:$PD_DECODE_PORT/health" "$PD_VLLM_START_TIMEOUT"
 
+launch_env=("${prefiller_env[@]}")
 launch prefiller "${prefiller_cmd[@]}"
 wait_http prefiller "http://$host:$PD_PREFILL_PORT/health" "$PD_VLLM_START_TIMEOUT"
 
-# What ran, for tests and tools: sourceable KEY=VALUE lines.
+# What ran, for tests and tools: sourceable KEY=VALUE lines. Telemetry
+# posts need ?token=$PD_TELEMETRY_TOKEN on PD_TELEMETRY_ENDPOINT.
+touch "$PD_RUN_DIR/stack.env"
+chmod 600 "$PD_RUN_DIR/stack.env"
 {
   for var in PD_PROFILE PD_LMCACHE_L2 PD_HOST PD_PROXY_PORT PD_TELEMETRY_PORT PD_PREFILL_PORT \
     PD_DECODE_PORT PD_LMCACHE_PORT PD_LMCACHE_HTTP_PORT PD_MASTER_RPC_PORT PD_MASTER_METRICS_PORT \
@@ -441,9 +483,10 @@ wait_http prefiller "http://$host:$PD_PREFILL_PORT/health" "$PD_VLLM_START_TIMEO
   done
   printf 'PD_CONNECT_HOST=%s\n' "$host"
   printf 'PD_TELEMETRY_ENDPOINT=%s\n' "$telemetry_endpoint"
+  printf 'PD_TELEMETRY_TOKEN=%s\n' "$PD_TELEMETRY_TOKEN"
 } >"$PD_RUN_DIR/stack.env"
 
 say "stack up in $((SECONDS - t_start))s (PD_PROFILE=$PD_PROFILE, LMCache L2: $PD_LMCACHE_L2)"
 say "  clients:   http://$host:$PD_PROXY_PORT/v1 (model ${PD_SERVED_MODEL_NAME:-$PD_MODEL})"
-say "  telemetry: $telemetry_endpoint"
+say "  telemetry: $telemetry_endpoint?token=\$PD_TELEMETRY_TOKEN (in $PD_RUN_DIR/stack.env)"
 say "  logs:      $PD_RUN_DIR/*.log; stop with deploy/down.sh"

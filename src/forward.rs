@@ -46,6 +46,9 @@ pub struct Job {
     /// When the event reached this replica: the forward's added wait is
     /// measured from here.
     pub received: Instant,
+    /// `--telemetry-token`: the owner refuses posts without it, forwards
+    /// included (every replica shares the configuration).
+    pub token: Option<Arc<str>>,
 }
 
 pub struct Forwarder {
@@ -154,7 +157,11 @@ async fn run(
 }
 
 async fn deliver(client: &HttpClient, metrics: &Metrics, job: Job) {
-    let uri: Uri = match format!("http://{}/api/v1/telemetry", job.owner).parse() {
+    let uri = match &job.token {
+        Some(token) => format!("http://{}/api/v1/telemetry?token={token}", job.owner),
+        None => format!("http://{}/api/v1/telemetry", job.owner),
+    };
+    let uri: Uri = match uri.parse() {
         Ok(uri) => uri,
         Err(_) => return metrics.forwarded(ForwardOutcome::Unreachable, job.ids as u64),
     };

@@ -109,14 +109,23 @@ pub enum Recorded {
     /// The id is ours but the prompt index is past the request's prompts, or
     /// the rank is not below the world size.
     Rejected,
+    /// The event's `world_size` is larger than the first event's for this
+    /// request: not counted. Believing it would hold the request until its
+    /// KV timeout, waiting for ranks that do not exist; the real ranks
+    /// still release it.
+    WorldSizeRaised,
 }
 
 struct Parked {
     /// Per prompt, the bitmask of KV ranks that reported.
     ranks: Box<[u128]>,
-    /// The TP degree reported by telemetry; 0 until the first event. If ranks
-    /// disagree, the largest wins so no rank is skipped.
+    /// The TP degree of the first event; 0 until then. A later event may
+    /// not raise it ([`Recorded::WorldSizeRaised`]); one that claims less
+    /// is counted against this one, so no rank is skipped either way.
     world_size: u32,
+    /// Events for this request refused for raising the world size: at a
+    /// KV timeout they tell a refused event from a lost one.
+    refused: u16,
     /// Prompts not yet complete for `world_size`.
     incomplete: usize,
     /// Taken when the request becomes ready.
@@ -159,6 +168,7 @@ impl Pending {
         let parked = Parked {
             ranks: vec![0; prompts.max(1)].into_boxed_slice(),
             world_size: 0,
+            refused: 0,
             incomplete: prompts.max(1),
             wake: Some(tx),
         };
@@ -184,12 +194,16 @@ impl Pending {
         if prompt >= parked.ranks.len() || rank >= world_size || world_size > MAX_WORLD_SIZE {
             return Recorded::Rejected;
         }
+        if parked.world_size != 0 && world_size > parked.world_size {
+            parked.refused = parked.refused.saturating_add(1);
+            return Recorded::WorldSizeRaised;
+        }
         let bit = 1u128 << rank;
         if parked.ranks[prompt] & bit != 0 {
             return Recorded::Duplicate;
         }
         parked.ranks[prompt] |= bit;
-        if world_size > parked.world_size {
+        if parked.world_size == 0 {
             parked.world_size = world_size;
             parked.recount();
         } else if parked.full(prompt) {
@@ -204,6 +218,13 @@ impl Pending {
             return Recorded::Ready;
         }
         Recorded::Duplicate
+    }
+
+    /// Events for `id` refused as [`Recorded::WorldSizeRaised`]; 0 once
+    /// `id` is no longer parked. Read it before dropping the request's
+    /// guard.
+    pub fn refused_events(&self, id: RequestId) -> u16 {
+        self.map.get(&id).map_or(0, |parked| parked.refused)
     }
 
     pub fn len(&self) -> usize {
@@ -273,15 +294,37 @@ mod tests {
     }
 
     #[test]
-    fn a_larger_world_size_reopens_prompts() {
+    fn a_smaller_world_size_later_does_not_release_early() {
         let p = pending();
         let id = RequestId::random();
         let (_guard, mut rx) = p.park(id, 1);
-        // A rank that claims world_size 1 while another says 2 must not
+        // A rank that claims world_size 1 while the first said 2 must not
         // release the request early.
         assert_eq!(p.record(id, 0, 2, 1), Recorded::Partial);
+        assert!(rx.try_recv().is_err());
         assert_eq!(p.record(id, 0, 1, 0), Recorded::Ready);
         assert!(rx.try_recv().is_ok());
+        assert_eq!(p.refused_events(id), 0);
+    }
+
+    #[test]
+    fn a_larger_world_size_later_is_refused_and_counted() {
+        let p = pending();
+        let id = RequestId::random();
+        let (_guard, mut rx) = p.park(id, 2);
+        assert_eq!(p.record(id, 0, 2, 0), Recorded::Partial);
+        // A sender claiming 128 ranks would hold the request to its
+        // timeout: refused, and the real ranks still release it.
+        assert_eq!(p.record(id, 1, 128, 5), Recorded::WorldSizeRaised);
+        assert_eq!(p.record(id, 0, 3, 2), Recorded::WorldSizeRaised);
+        assert_eq!(p.record(id, 5, 2, 0), Recorded::Rejected);
+        assert_eq!(p.refused_events(id), 2);
+        assert_eq!(p.record(id, 0, 2, 1), Recorded::Partial);
+        assert_eq!(p.record(id, 1, 2, 0), Recorded::Partial);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(p.record(id, 1, 2, 1), Recorded::Ready);
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(p.refused_events(RequestId::random()), 0);
     }
 
     #[test]

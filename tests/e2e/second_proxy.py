@@ -133,12 +133,15 @@ def gauge_for(text_count: int, text_bytes: int) -> float:
 
 def proxy_binary() -> str:
     """The pd-proxy the stack runs: the first word of PD_RUN_DIR/pd-proxy.cmd
-    (written by up.sh), else PD_PROXY_BIN, else the checkout's release build."""
+    (written by up.sh) after its NAME=VALUE settings (the telemetry token's),
+    else PD_PROXY_BIN, else the checkout's release build."""
     run_dir = Path(os.environ.get("PD_RUN_DIR") or f"{os.environ.get('TMPDIR', '/tmp')}/pd-stack")
     cmd = run_dir / "pd-proxy.cmd"
     candidates = []
     if cmd.is_file():
         words = shlex.split(cmd.read_text())
+        while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
+            words.pop(0)
         if words:
             candidates.append(words[0])
     if os.environ.get("PD_PROXY_BIN"):

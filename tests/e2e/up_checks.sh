@@ -90,9 +90,26 @@ kill "$listener_pid" 2>/dev/null || true
 listener_pid=""
 
 # Derived values follow the ports they depend on.
-dry "telemetry endpoint derived from PD_TELEMETRY_PORT" \
-  "LMCACHE_REQUEST_TELEMETRY_ENDPOINT=http://127.0.0.1:6001/api/v1/telemetry" \
+# shellcheck disable=SC2016 # the printed command names the variable
+dry "telemetry endpoint derived from PD_TELEMETRY_PORT, with the token" \
+  'LMCACHE_REQUEST_TELEMETRY_ENDPOINT="http://127.0.0.1:6001/api/v1/telemetry?token=$PD_TELEMETRY_TOKEN" env ' \
   PD_PROFILE=cpu PD_TELEMETRY_PORT=6001
+# shellcheck disable=SC2016 # likewise
+dry "pd-proxy takes the telemetry token from its environment" \
+  'PD_PROXY_TELEMETRY_TOKEN="$PD_TELEMETRY_TOKEN" /bin/true --host' \
+  PD_PROFILE=cpu
+
+# The token's value is never printed, and never a flag.
+rc=0
+env PD_RUN_DIR="$run_dir/stack" PD_PROXY_BIN=/bin/true PD_LMCACHE_L2=none PD_PROFILE=cpu \
+  PD_TELEMETRY_TOKEN=not-on-any-command-line-0123 bash deploy/up.sh --dry-run >"$run_dir/out" 2>&1 || rc=$?
+if [ "$rc" -eq 0 ] && ! grep -q -e "not-on-any-command-line" -e "--telemetry-token" "$run_dir/out"; then
+  ok "the telemetry token stays off command lines"
+else
+  not_ok "the telemetry token stays off command lines"
+fi
+refused "a short telemetry token" "PD_TELEMETRY_TOKEN (5 characters): must be 16 to 512" \
+  PD_PROFILE=cpu PD_TELEMETRY_TOKEN=short
 dry "pd-proxy's upstream ports are the vLLM ports" \
   "--prefiller-port 9101 --decoder-host 127.0.0.1 --decoder-port 9201" \
   PD_PROFILE=cpu PD_PREFILL_PORT=9101 PD_DECODE_PORT=9201
