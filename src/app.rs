@@ -86,10 +86,10 @@ fn config_body_budget_kib(max_body_bytes: usize) -> usize {
 }
 
 impl App {
-    /// Bodies at the size limit that may be held at once. Each costs up to
-    /// about three times its size while parsed, so with the default limit
-    /// (32 MiB) all of them fit the sidecar's 512 MiB only as the worst
-    /// case; ordinary bodies (kilobytes) number in the tens of thousands.
+    /// Bodies at the size limit that may be held at once. Each costs about
+    /// twice its size (the body and its prefill copy), so with the default
+    /// limit (32 MiB) all of them together stay within the sidecar's
+    /// 512 MiB; ordinary bodies (kilobytes) number in the tens of thousands.
     pub const BODY_BUDGET_BODIES: usize = 6;
 
     /// Ids as this replica makes them: owner-routed with a cluster key,

@@ -227,7 +227,7 @@ pub struct Args {
     pub telemetry_token_file: Option<std::path::PathBuf>,
     /// Largest request body accepted (413 past it). The default keeps a
     /// few requests at the limit within the sidecar's 512 MiB: one costs
-    /// at most about three times its body while it is parsed.
+    /// about twice its body (the body and its prefill copy).
     #[arg(
         long,
         env = "PD_PROXY_MAX_BODY_BYTES",
