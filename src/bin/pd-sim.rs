@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use pd_proxy::sim::{Sim, SimConfig};
+use pd_proxy::sim::{Fault, Faults, Sim, SimConfig};
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
@@ -71,6 +71,30 @@ struct Args {
     /// answers to requests that ask for it.
     #[arg(long)]
     reported_waiting: Option<u32>,
+    /// Chance (0 to 1) that a completions request gets one of --faults,
+    /// drawn per request and engine; 0 keeps every answer well-behaved.
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    fault_rate: f64,
+    /// Faults --fault-rate draws from, comma separated [default: all]:
+    /// prefill-503, prefill-500, lost-rank, duplicate-telemetry,
+    /// decoder-500, decoder-dies, decoder-stalls, slow-first-token.
+    #[arg(long, value_delimiter = ',')]
+    faults: Vec<Fault>,
+    /// How late a slow-first-token fault makes the first token.
+    #[arg(long, default_value_t = 1000)]
+    fault_slow_first_token_ms: u64,
+    /// Seed for the fault draws, to replay a run.
+    #[arg(long)]
+    fault_seed: Option<u64>,
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("{r} is not between 0 and 1"))
+    }
 }
 
 impl Args {
@@ -101,6 +125,16 @@ impl Args {
             // Nobody can read the logs of a standalone process; keeping them
             // would only grow memory during benchmarks.
             record: false,
+            faults: Faults {
+                rate: self.fault_rate,
+                kinds: if self.faults.is_empty() {
+                    Fault::ALL.to_vec()
+                } else {
+                    self.faults.clone()
+                },
+                slow_first_token: Duration::from_millis(self.fault_slow_first_token_ms),
+                seed: self.fault_seed,
+            },
         })
     }
 }

@@ -17,7 +17,7 @@ use http_body::{Frame, SizeHint};
 
 use super::render;
 use super::request::{Kind, Plan};
-use super::Sim;
+use super::{Posting, Sim};
 
 pub(crate) async fn sleep_if(d: Duration) {
     if !d.is_zero() {
@@ -107,13 +107,15 @@ impl Drop for PrefillGuard {
 pub(crate) struct TelemetryTrigger {
     sim: Arc<Sim>,
     ids: Option<Vec<String>>,
+    posting: Posting,
 }
 
 impl TelemetryTrigger {
-    pub fn new(sim: Arc<Sim>, ids: Vec<String>) -> Self {
+    pub fn new(sim: Arc<Sim>, ids: Vec<String>, posting: Posting) -> Self {
         TelemetryTrigger {
             sim,
             ids: Some(ids),
+            posting,
         }
     }
 
@@ -122,7 +124,7 @@ impl TelemetryTrigger {
             // Bodies are dropped on runtime threads, except when a runtime
             // shuts down: then there is nobody left to notify anyway.
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                self.sim.spawn_telemetry(&handle, ids);
+                self.sim.spawn_telemetry(&handle, ids, self.posting);
             }
         }
     }
@@ -151,7 +153,7 @@ impl Hooks {
         }
     }
 
-    fn aborted(&mut self) {
+    pub(crate) fn aborted(&mut self) {
         if let Some(guard) = &mut self.decode {
             guard.outcome = Outcome::Aborted;
         }
@@ -207,6 +209,9 @@ pub(crate) struct Timing {
     pub first_token: Duration,
     pub between_tokens: Duration,
     pub die_after: Option<u32>,
+    /// After this many token events the stream goes silent for good, as a
+    /// hung engine's does; only the reader's giving up ends it.
+    pub stall_after: Option<u32>,
 }
 
 enum Phase {
@@ -274,6 +279,18 @@ impl EventGen {
                     if step >= self.plan.max_tokens {
                         self.phase = Phase::Usage;
                         continue;
+                    }
+                    if self
+                        .timing
+                        .stall_after
+                        .is_some_and(|n| self.token_events >= n)
+                    {
+                        // Not a completion, and not the client's doing
+                        // either: the proxy is expected to give up.
+                        self.hooks.aborted();
+                        // Pending flushes what hyper has buffered, so the
+                        // tokens before the stall do reach the reader.
+                        std::future::pending::<()>().await;
                     }
                     if self
                         .timing

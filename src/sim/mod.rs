@@ -15,6 +15,7 @@
 //! that reached "the engines".
 
 mod body;
+mod fault;
 mod render;
 mod request;
 mod telemetry;
@@ -32,11 +33,14 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use tokio::net::TcpListener;
 
 use body::{
     sleep_if, DecodeGuard, EventGen, Hooks, OnceBody, PrefillGuard, TelemetryTrigger, Timing,
 };
+use fault::Dice;
+pub use fault::{Fault, Faults};
 use request::{ApiError, Kind, Plan};
 
 /// How the simulated engines behave. Defaults give a well-behaved
@@ -92,6 +96,9 @@ pub struct SimConfig {
     /// Keep request and telemetry logs. Benchmarks turn it off so memory
     /// stays flat; counters are kept either way.
     pub record: bool,
+    /// Failures drawn per request, on top of the fixed knobs above; off
+    /// unless `faults.rate` is above 0.
+    pub faults: Faults,
 }
 
 impl Default for SimConfig {
@@ -115,6 +122,7 @@ impl Default for SimConfig {
             random_suffix: true,
             reported_waiting: None,
             record: true,
+            faults: Faults::default(),
         }
     }
 }
@@ -147,6 +155,8 @@ struct Counters {
     prefills_cancelled: AtomicU64,
     telemetry_ok: AtomicU64,
     telemetry_failed: AtomicU64,
+    /// Per [`Fault`], in [`Fault::ALL`]'s order.
+    faults: [AtomicU64; Fault::ALL.len()],
 }
 
 /// The simulated prefiller and decoder, with everything they observed.
@@ -159,6 +169,7 @@ pub struct Sim {
     decode_log: Mutex<Vec<Recorded>>,
     telemetry_log: Mutex<Vec<TelemetryPost>>,
     counters: Counters,
+    dice: Dice,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,8 +197,10 @@ impl Sim {
             }
             target
         });
+        let dice = Dice::new(&config.faults);
         Arc::new(Sim {
             config,
+            dice,
             fingerprint: format!("vllm-0.32.0-{:08x}", rand::random::<u32>()),
             telemetry,
             prefill_log: Mutex::default(),
@@ -267,6 +280,18 @@ impl Sim {
         self.counters.prefills_cancelled.load(Ordering::Relaxed)
     }
 
+    /// How many times `fault` was injected.
+    pub fn faults_injected(&self, fault: Fault) -> u64 {
+        self.counters.faults[fault.index()].load(Ordering::Relaxed)
+    }
+
+    /// Draws this request's fault and counts it.
+    fn draw_fault(&self, role: Role) -> Option<Fault> {
+        let fault = self.dice.draw(role == Role::Prefiller)?;
+        self.counters.faults[fault.index()].fetch_add(1, Ordering::Relaxed);
+        Some(fault)
+    }
+
     fn router(self: &Arc<Self>, role: Role) -> Router {
         Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -316,11 +341,17 @@ impl Sim {
             .get("endpoint-load-metrics-format")
             .is_some_and(|f| f.as_bytes().eq_ignore_ascii_case(b"json"));
         self.record(role, headers, body.clone());
+        let fault = self.draw_fault(role);
+        let drawn_error = match fault {
+            Some(Fault::Prefill503) => Some(503),
+            Some(Fault::Prefill500 | Fault::Decoder500) => Some(500),
+            _ => None,
+        };
         let injected = match role {
             Role::Prefiller => self.config.prefill_error,
             Role::Decoder => self.config.decoder_error,
         };
-        if let Some(code) = injected {
+        if let Some(code) = injected.or(drawn_error) {
             return ApiError::injected(code).into_response();
         }
         let plan = match request::parse(
@@ -336,8 +367,8 @@ impl Sim {
         let stream = plan.stream;
         let waiting = self.config.reported_waiting;
         let mut response = match role {
-            Role::Prefiller => self.prefill(plan).await,
-            Role::Decoder => self.decode(plan).await,
+            Role::Prefiller => self.prefill(plan, fault).await,
+            Role::Decoder => self.decode(plan, fault).await,
         };
         if let (true, false, Some(waiting)) = (orca, stream, waiting) {
             let report = format!(
@@ -352,44 +383,95 @@ impl Sim {
         response
     }
 
-    async fn prefill(self: Arc<Self>, plan: Plan) -> Response {
+    async fn prefill(self: Arc<Self>, plan: Plan, fault: Option<Fault>) -> Response {
         let guard = PrefillGuard::new(Arc::clone(&self));
         sleep_if(self.config.prefill_delay).await;
+        let posting = Posting {
+            lost_rank: (fault == Some(Fault::LostRank))
+                .then(|| self.dice.below(self.config.world_size)),
+            duplicate: self.config.duplicate_telemetry || fault == Some(Fault::DuplicateTelemetry),
+        };
         let mut hooks = Hooks::default();
         if self.telemetry.is_some() {
             let ids = plan.internal_ids(self.config.random_suffix);
             if self.config.telemetry_before_response {
                 let ids: Arc<[String]> = ids.into();
-                let posts = self.rank_schedule().map(|(rank, delay)| {
-                    Arc::clone(&self).post_rank(Arc::clone(&ids), rank, delay)
+                let posts = self.rank_schedule(posting).map(|(rank, delay)| {
+                    Arc::clone(&self).post_rank(Arc::clone(&ids), rank, delay, posting)
                 });
                 futures_util::future::join_all(posts).await;
             } else {
-                hooks.telemetry = Some(TelemetryTrigger::new(Arc::clone(&self), ids));
+                hooks.telemetry = Some(TelemetryTrigger::new(Arc::clone(&self), ids, posting));
             }
         }
         guard.disarm();
         self.respond(plan, Timing::default(), hooks)
     }
 
-    async fn decode(self: Arc<Self>, plan: Plan) -> Response {
+    async fn decode(self: Arc<Self>, plan: Plan, fault: Option<Fault>) -> Response {
         let hooks = Hooks {
             decode: Some(DecodeGuard::new(Arc::clone(&self))),
             telemetry: None,
         };
-        let timing = Timing {
+        let mut timing = Timing {
             first_token: self.config.first_token_delay,
             between_tokens: self.config.token_delay,
             die_after: self.config.die_after_tokens,
+            stall_after: None,
         };
+        // Where a broken body stops: somewhere among its token events.
+        let events = plan
+            .max_tokens
+            .saturating_mul(u32::try_from(plan.prompt_tokens.len()).unwrap_or(u32::MAX));
+        match fault {
+            Some(Fault::SlowFirstToken) => {
+                timing.first_token += self.config.faults.slow_first_token;
+            }
+            Some(Fault::DecoderDies) => {
+                let at = self.dice.below(events);
+                timing.die_after = Some(timing.die_after.map_or(at, |n| n.min(at)));
+            }
+            Some(Fault::DecoderStalls) => timing.stall_after = Some(self.dice.below(events)),
+            _ => {}
+        }
         if !plan.stream {
             // A non-streaming vLLM answers only when generation is over.
             let rest = timing
                 .between_tokens
                 .saturating_mul(plan.max_tokens.saturating_sub(1));
             sleep_if(timing.first_token.saturating_add(rest)).await;
+            if matches!(fault, Some(Fault::DecoderDies | Fault::DecoderStalls)) {
+                return self.respond_broken(&plan, hooks, fault == Some(Fault::DecoderStalls));
+            }
         }
         self.respond(plan, timing, hooks)
+    }
+
+    /// A JSON answer whose headers promise the whole body but whose bytes
+    /// stop half way: then the connection breaks (`stall` false) or goes
+    /// silent for good.
+    fn respond_broken(&self, plan: &Plan, mut hooks: Hooks, stall: bool) -> Response {
+        hooks.aborted();
+        drop(hooks);
+        let json = render::full(plan, &self.config.model, &self.fingerprint);
+        let length = json.len();
+        let half = json.slice(..length / 2);
+        let head = futures_util::stream::once(std::future::ready(Ok::<_, io::Error>(half)));
+        let body = if stall {
+            Body::from_stream(head.chain(futures_util::stream::pending()))
+        } else {
+            let err = io::Error::other("pd-sim: decoder died mid-answer");
+            Body::from_stream(head.chain(futures_util::stream::once(std::future::ready(Err(err)))))
+        };
+        (
+            StatusCode::OK,
+            [
+                (CONTENT_TYPE, "application/json".to_owned()),
+                (http::header::CONTENT_LENGTH, length.to_string()),
+            ],
+            body,
+        )
+            .into_response()
     }
 
     fn respond(self: Arc<Self>, plan: Plan, timing: Timing, hooks: Hooks) -> Response {
@@ -414,9 +496,11 @@ impl Sim {
 
     /// `(rank, delay after the response)` for every rank whose event is not
     /// lost.
-    fn rank_schedule(&self) -> impl Iterator<Item = (u32, Duration)> + '_ {
+    fn rank_schedule(&self, posting: Posting) -> impl Iterator<Item = (u32, Duration)> + '_ {
         (0..self.config.world_size)
-            .filter(|rank| !self.config.drop_ranks.contains(rank))
+            .filter(move |rank| {
+                !self.config.drop_ranks.contains(rank) && posting.lost_rank != Some(*rank)
+            })
             .map(|rank| {
                 let stagger = self.config.rank_stagger.saturating_mul(rank);
                 (rank, self.config.telemetry_delay.saturating_add(stagger))
@@ -425,21 +509,28 @@ impl Sim {
 
     /// Sends a finished prefill's events in the background, one task per
     /// rank, as LMCache's workers do independently.
-    fn spawn_telemetry(self: &Arc<Self>, handle: &tokio::runtime::Handle, ids: Vec<String>) {
+    fn spawn_telemetry(
+        self: &Arc<Self>,
+        handle: &tokio::runtime::Handle,
+        ids: Vec<String>,
+        posting: Posting,
+    ) {
         let ids: Arc<[String]> = ids.into();
-        for (rank, delay) in self.rank_schedule() {
-            handle.spawn(Arc::clone(self).post_rank(Arc::clone(&ids), rank, delay));
+        for (rank, delay) in self.rank_schedule(posting) {
+            handle.spawn(Arc::clone(self).post_rank(Arc::clone(&ids), rank, delay, posting));
         }
     }
 
-    async fn post_rank(self: Arc<Self>, ids: Arc<[String]>, rank: u32, delay: Duration) {
+    async fn post_rank(
+        self: Arc<Self>,
+        ids: Arc<[String]>,
+        rank: u32,
+        delay: Duration,
+        posting: Posting,
+    ) {
         sleep_if(delay).await;
         let body = telemetry::payload(&ids, &self.config.model, self.config.world_size, rank);
-        let copies = if self.config.duplicate_telemetry {
-            2
-        } else {
-            1
-        };
+        let copies = if posting.duplicate { 2 } else { 1 };
         for _ in 0..copies {
             self.post_once(body.clone()).await;
         }
@@ -506,14 +597,33 @@ impl Sim {
              # HELP pdsim_telemetry_posts_total Telemetry POST attempts by result.\n\
              # TYPE pdsim_telemetry_posts_total counter\n\
              pdsim_telemetry_posts_total{{result=\"ok\"}} {}\n\
-             pdsim_telemetry_posts_total{{result=\"failed\"}} {}\n",
+             pdsim_telemetry_posts_total{{result=\"failed\"}} {}\n\
+             # HELP pdsim_faults_total Faults injected by --fault-rate, by kind.\n\
+             # TYPE pdsim_faults_total counter\n{}",
             load(&c.decode_completed),
             load(&c.decode_cancelled),
             load(&c.prefills_cancelled),
             load(&c.telemetry_ok),
             load(&c.telemetry_failed),
+            Fault::ALL
+                .iter()
+                .map(|f| format!(
+                    "pdsim_faults_total{{fault=\"{f}\"}} {}\n",
+                    load(&c.faults[f.index()])
+                ))
+                .collect::<String>(),
         )
     }
+}
+
+/// Which telemetry events a prefill sends: the fixed knobs with this
+/// request's fault applied.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Posting {
+    /// A rank whose event is lost, besides `drop_ranks`.
+    lost_rank: Option<u32>,
+    /// Each event posted twice.
+    duplicate: bool,
 }
 
 /// A simulated server that can die: [`Running::kill`] drops the listener
@@ -636,4 +746,76 @@ async fn method_not_allowed() -> Response {
         r#"{"detail":"Method Not Allowed"}"#,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn faulty(kinds: &[Fault]) -> Arc<Sim> {
+        Sim::new(SimConfig {
+            faults: Faults {
+                rate: 1.0,
+                kinds: kinds.to_vec(),
+                seed: Some(1),
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        })
+    }
+
+    async fn post(router: Router, body: &'static str) -> Response {
+        let request = http::Request::post("/v1/completions")
+            .header(CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        router.oneshot(request).await.unwrap()
+    }
+
+    const STREAM: &str = r#"{"model":"sim-model","prompt":"a b c","max_tokens":8,"stream":true}"#;
+    const JSON: &str = r#"{"model":"sim-model","prompt":"a b c","max_tokens":8}"#;
+
+    #[tokio::test]
+    async fn drawn_errors_answer_as_the_fixed_knobs_do() {
+        let sim = faulty(&[Fault::Prefill503, Fault::Decoder500]);
+        assert_eq!(post(sim.prefiller_router(), JSON).await.status(), 503);
+        assert_eq!(post(sim.decoder_router(), JSON).await.status(), 500);
+        assert_eq!(sim.faults_injected(Fault::Prefill503), 1);
+        assert_eq!(sim.faults_injected(Fault::Decoder500), 1);
+        let text = sim.metrics_text(Role::Decoder);
+        assert!(
+            text.contains("pdsim_faults_total{fault=\"decoder-500\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stalled_stream_stops_short_and_never_ends() {
+        let sim = faulty(&[Fault::DecoderStalls]);
+        let mut body = post(sim.decoder_router(), STREAM).await.into_body();
+        let mut got = Vec::new();
+        let wait = Duration::from_millis(200);
+        while let Ok(Some(frame)) = tokio::time::timeout(wait, body.frame()).await {
+            got.extend_from_slice(frame.unwrap().data_ref().unwrap());
+        }
+        let text = String::from_utf8(got).unwrap();
+        assert!(!text.contains("[DONE]"), "{text}");
+        assert!(text.matches("data: ").count() < 8, "{text}");
+        drop(body);
+        assert_eq!(
+            sim.decode_streams_cancelled(),
+            0,
+            "a stall is no client cancel"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dying_json_answer_breaks_half_way() {
+        let sim = faulty(&[Fault::DecoderDies]);
+        let response = post(sim.decoder_router(), JSON).await;
+        assert_eq!(response.status(), 200);
+        assert!(response.into_body().collect().await.is_err());
+    }
 }
