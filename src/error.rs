@@ -71,10 +71,7 @@ pub enum ProxyError {
     /// A limit of the proxy's own (parked requests, connections) is full;
     /// the client may try again after `retry_after` seconds.
     #[error("{message}")]
-    Overloaded {
-        message: String,
-        retry_after: u32,
-    },
+    Overloaded { message: String, retry_after: u32 },
 }
 
 impl ProxyError {
@@ -190,10 +187,7 @@ impl IntoResponse for ProxyError {
         );
         match &self {
             ProxyError::Unauthorized(_) => {
-                headers.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer"),
-                );
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             ProxyError::Overloaded { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
