@@ -19,7 +19,8 @@ telemetry_port=${PD_TELEMETRY_PORT:-5768}
 prefill_port=${PD_PREFILL_PORT:-8100}
 decode_port=${PD_DECODE_PORT:-8200}
 # pd-proxy refuses (403) telemetry posted without it. pd-proxy reads it from
-# its environment; pd-sim, a test stand-in for LMCache, from its URL flag.
+# its environment; pd-sim, a test stand-in for LMCache, from the URL in its
+# environment, as LMCache takes LMCACHE_REQUEST_TELEMETRY_ENDPOINT.
 telemetry_token=${PD_TELEMETRY_TOKEN:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 
 cargo build --release --bins
@@ -32,8 +33,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-"$bin/pd-sim" --prefiller-port "$prefill_port" --decoder-port "$decode_port" \
-  --telemetry-url "http://127.0.0.1:$telemetry_port/api/v1/telemetry?token=$telemetry_token" \
+PD_SIM_TELEMETRY_URL="http://127.0.0.1:$telemetry_port/api/v1/telemetry?token=$telemetry_token" \
+  "$bin/pd-sim" --prefiller-port "$prefill_port" --decoder-port "$decode_port" \
   --token-delay-ms 20 >"$run_dir/pd-sim.log" 2>&1 &
 pids+=($!)
 PD_PROXY_TELEMETRY_TOKEN=$telemetry_token "$bin/pd-proxy" --host 127.0.0.1 --port "$proxy_port" \

@@ -1253,22 +1253,26 @@ impl RelayBody {
         let Some(app) = self.log.app.as_ref() else {
             return Poll::Pending;
         };
-        let limit = app.config.stream_idle_timeout;
-        let since = self.last_frame.unwrap_or(self.decode_started);
-        let deadline = tokio::time::Instant::from_std(since + limit);
-        let idle = match &mut self.idle {
-            Some(sleep) => {
-                if sleep.deadline() != deadline {
-                    sleep.as_mut().reset(deadline);
+        // Until the first frame the wait is the first byte's, bounded by
+        // `--upstream-timeout` in `relay`: a request queued in the engine
+        // may take long to start, and that is not a stall.
+        if let Some(since) = self.last_frame {
+            let limit = app.config.stream_idle_timeout;
+            let deadline = tokio::time::Instant::from_std(since + limit);
+            let idle = match &mut self.idle {
+                Some(sleep) => {
+                    if sleep.deadline() != deadline {
+                        sleep.as_mut().reset(deadline);
+                    }
+                    sleep
                 }
-                sleep
+                None => self
+                    .idle
+                    .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            };
+            if idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Cut::Idle(limit));
             }
-            None => self
-                .idle
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        if idle.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Cut::Idle(limit));
         }
         let cut = self
             .cut

@@ -667,3 +667,26 @@ async fn bodies_held_at_once_stay_within_their_budget() {
     let resp = s.post("/v1/chat/completions", chat_body(false)).await;
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn a_stream_that_never_starts_is_a_504_after_the_upstream_timeout() {
+    // Headers, then nothing: the engine queued the request and never ran it.
+    let script: Script = Arc::new(|mut tcp: TcpStream| {
+        tokio::spawn(async move {
+            let _ = tcp.write_all(SSE_HEAD).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        })
+    });
+    // A stream idle bound shorter than the upstream timeout does not apply
+    // before the first byte.
+    let s = with_decoder(
+        script,
+        &["--stream-idle-timeout", "0.1", "--upstream-timeout", "0.6"],
+    )
+    .await;
+    let started = Instant::now();
+    let resp = s.post("/v1/chat/completions", chat_body(true)).await;
+    assert_eq!(resp.status(), 504);
+    assert_openai_error(&resp.json().await.unwrap(), 504);
+    assert!(started.elapsed() >= Duration::from_millis(500));
+}

@@ -24,8 +24,15 @@ struct Args {
     prefiller_port: u16,
     #[arg(long, default_value_t = 8200)]
     decoder_port: u16,
-    /// Where the prefiller posts LMCache telemetry; empty disables it.
-    #[arg(long, default_value = "http://127.0.0.1:5768/api/v1/telemetry")]
+    /// Where the prefiller posts LMCache telemetry; empty disables it. From
+    /// the environment it keeps a `?token=` off the command line, as
+    /// LMCache's `LMCACHE_REQUEST_TELEMETRY_ENDPOINT` does.
+    #[arg(
+        long,
+        env = "PD_SIM_TELEMETRY_URL",
+        hide_env_values = true,
+        default_value = "http://127.0.0.1:5768/api/v1/telemetry"
+    )]
     telemetry_url: String,
     #[arg(long, default_value = "sim-model")]
     model: String,
