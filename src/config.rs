@@ -21,6 +21,17 @@ pub enum KvTimeoutPolicy {
     Fail,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event, for people.
+    Text,
+    /// One JSON object per event (`timestamp`, `level`, `target`, the
+    /// event's fields, and the request span's `id` and `api` under
+    /// `span`), for log shippers.
+    Json,
+}
+
 /// How a role's endpoint is chosen for each request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Balance {
@@ -287,6 +298,9 @@ pub struct Args {
         value_name = "SECONDS"
     )]
     pub drain_timeout: f64,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, env = "PD_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 /// One `--*-host` entry with its port, as configured: an IP address is one
@@ -379,6 +393,7 @@ pub struct Config {
     pub max_pending: usize,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    pub log_format: LogFormat,
 }
 
 /// Where to listen; kept apart from [`Config`] because tests bind their own
@@ -589,6 +604,7 @@ impl Args {
                 max_pending: self.max_pending,
                 max_connections: self.max_connections,
                 drain_timeout: seconds("--drain-timeout", self.drain_timeout)?,
+                log_format: self.log_format,
             },
             ListenAddrs {
                 host: self.host,
