@@ -277,3 +277,71 @@ fn exits_non_zero_when_the_drain_cuts_a_stream() {
     );
     assert!(rest.contains("data: [DONE]"), "{rest}");
 }
+
+#[test]
+fn json_logs_are_one_object_a_line_with_the_request_fields() {
+    const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
+    let (port, telemetry, prefill, decode) = (free_port(), free_port(), free_port(), free_port());
+    let mut sim = Command::new(SIM)
+        .args([
+            "--prefiller-port",
+            &prefill.to_string(),
+            "--decoder-port",
+            &decode.to_string(),
+            "--telemetry-url",
+            &format!("http://127.0.0.1:{telemetry}/api/v1/telemetry"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut args = proxy_args(port, telemetry, prefill, &["--log-format", "json"]);
+    let at = args.iter().position(|a| a == "--decoder-port").unwrap();
+    args[at + 1] = decode.to_string();
+    let child = spawn_listening(&args, port, telemetry);
+    let body = r#"{"model":"sim-model","prompt":"Say hello.","max_tokens":4}"#;
+    let mut answer = String::new();
+    // The decoder may not have passed its first health check yet: a 503
+    // or 502 is retried, bounded.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !answer.starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "no 200: {answer}");
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(
+            &mut tcp,
+            format!(
+                "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        answer.clear();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        std::io::Read::read_to_string(&mut tcp, &mut answer).unwrap();
+    }
+    sigterm(&child);
+    let (code, err) = exited(child);
+    sim.kill().unwrap();
+    sim.wait().unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let finished = lines
+        .iter()
+        .rfind(|l| l["message"] == "request finished")
+        .unwrap_or_else(|| panic!("no request line: {err}"));
+    assert_eq!(finished["status"], 200, "{finished}");
+    assert_eq!(finished["level"], "INFO");
+    assert_eq!(finished["span"]["api"], "completions", "{finished}");
+    assert_eq!(
+        finished["span"]["id"].as_str().unwrap().len(),
+        32,
+        "{finished}"
+    );
+    for field in ["prefill_ms", "kv_wait_ms", "decode_ttfb_ms", "total_ms"] {
+        assert!(finished[field].is_number(), "{field}: {finished}");
+    }
+}
