@@ -45,6 +45,8 @@ pub struct App {
     /// Request bodies held in memory at once, in KiB, across all requests:
     /// [`App::BODY_BUDGET_BODIES`] bodies at `--max-body-bytes`.
     pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// Span export with `--otlp-endpoint`; `None`: no spans are made.
+    pub tracing: Option<Arc<crate::trace::Tracing>>,
 }
 
 impl App {
@@ -59,6 +61,15 @@ impl App {
         let max_body_bytes = config.max_body_bytes;
         let client = upstream::client();
         let (forwarder, forward_task) = Forwarder::new(client.clone(), Arc::clone(&metrics));
+        let tracing = config.otlp_endpoint.as_ref().and_then(|endpoint| {
+            crate::trace::Tracing::start(
+                endpoint,
+                config.otlp_timeout,
+                metrics.trace_spans_dropped.clone(),
+            )
+            .inspect_err(|e| tracing::error!(error = %e, "traces are off"))
+            .ok()
+        });
         Arc::new(App {
             ids: OnceLock::new(),
             forwarder,
@@ -71,6 +82,7 @@ impl App {
             config,
             requests: AtomicUsize::new(0),
             cut: CancellationToken::new(),
+            tracing,
             body_budget: Arc::new(tokio::sync::Semaphore::new(
                 (config_body_budget_kib(max_body_bytes)).min(tokio::sync::Semaphore::MAX_PERMITS),
             )),

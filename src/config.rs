@@ -301,6 +301,21 @@ pub struct Args {
     /// Log lines as text or as JSON objects.
     #[arg(long, env = "PD_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Send traces to this OpenTelemetry collector by OTLP over
+    /// HTTP/protobuf: its base URL (`http://collector:4318`; `/v1/traces`
+    /// is added) or a URL ending in `/v1/traces`. One span per request,
+    /// a child per phase; off without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Longest wait for the collector to take one batch of spans; past it
+    /// the batch is dropped (and counted).
+    #[arg(
+        long,
+        env = "PD_PROXY_OTLP_TIMEOUT",
+        default_value_t = 5.0,
+        value_name = "SECONDS"
+    )]
+    pub otlp_timeout: f64,
 }
 
 /// One `--*-host` entry with its port, as configured: an IP address is one
@@ -394,6 +409,9 @@ pub struct Config {
     pub max_connections: usize,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
+    /// `--otlp-endpoint` as the full OTLP traces URL; `None`: no traces.
+    pub otlp_endpoint: Option<http::Uri>,
+    pub otlp_timeout: Duration,
 }
 
 /// Where to listen; kept apart from [`Config`] because tests bind their own
@@ -605,6 +623,13 @@ impl Args {
                 max_connections: self.max_connections,
                 drain_timeout: seconds("--drain-timeout", self.drain_timeout)?,
                 log_format: self.log_format,
+                otlp_endpoint: self
+                    .otlp_endpoint
+                    .as_deref()
+                    .filter(|url| !url.trim().is_empty())
+                    .map(crate::trace::traces_url)
+                    .transpose()?,
+                otlp_timeout: seconds("--otlp-timeout", self.otlp_timeout)?,
             },
             ListenAddrs {
                 host: self.host,

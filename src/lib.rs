@@ -35,6 +35,7 @@ pub mod server;
 pub mod sim;
 pub mod telemetry;
 pub mod tokens;
+pub mod trace;
 pub mod upstream;
 
 pub use app::App;

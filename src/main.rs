@@ -163,7 +163,8 @@ async fn run(
     let app = App::new(config);
     app.set_routing(own[1], std::env::var("POD_IP").ok().as_deref())
         .map_err(Failure::Config)?;
-    let drained = pd_proxy::serve(
+    let traces = app.tracing.clone();
+    let served = pd_proxy::serve(
         Listeners {
             public,
             telemetry,
@@ -172,8 +173,15 @@ async fn run(
         app,
         signals(),
     )
-    .await
-    .map_err(|e| Failure::Run(e.to_string()))?;
+    .await;
+    // The last spans go to the collector before the process ends, within
+    // a bound: a collector that does not answer does not hold the exit.
+    if let Some(traces) = traces {
+        if !traces.flush(TRACE_FLUSH_LIMIT).await {
+            tracing::warn!("the last spans could not be exported in time; they are lost");
+        }
+    }
+    let drained = served.map_err(|e| Failure::Run(e.to_string()))?;
     if drained.cut > 0 {
         return Err(Failure::Run(format!(
             "shut down with {} request(s) cut before they finished",
@@ -183,6 +191,9 @@ async fn run(
     tracing::info!("shut down cleanly: every request finished");
     Ok(())
 }
+
+/// Longest wait at exit for the last spans to be exported.
+const TRACE_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One item per SIGTERM or Ctrl-C: the first starts the drain, the second
 /// ends it at once.

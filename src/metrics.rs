@@ -34,6 +34,7 @@ pub const BYTES_PER_TOKEN: &str = "pd_proxy_prompt_bytes_per_token";
 pub const FORWARDED_IDS: &str = "pd_proxy_telemetry_forwarded_ids_total";
 pub const FORWARD_SECONDS: &str = "pd_proxy_telemetry_forward_seconds";
 pub const INVALID_IDS: &str = "pd_proxy_telemetry_invalid_ids_total";
+pub const TRACE_SPANS_DROPPED: &str = "pd_proxy_trace_spans_dropped_total";
 
 /// What became of telemetry ids that belong to another replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +121,8 @@ pub struct Metrics {
     forwarded: [Counter; 5],
     pub forward_seconds: Histogram,
     pub invalid_ids: Counter,
+    /// Spans that never reached the OTLP collector (`--otlp-endpoint`).
+    pub trace_spans_dropped: Counter,
     /// Who was let in: client keys and the telemetry token.
     access: Access,
     /// The limits that keep a flood, a slow peer or a shutdown in bounds.
@@ -219,6 +222,11 @@ impl Metrics {
             "Telemetry ids that no replica of this cluster made (bad format or MAC).",
         );
         describe(
+            TRACE_SPANS_DROPPED,
+            None,
+            "Trace spans dropped: the export queue was full, or the OTLP collector refused or did not take their batch in time.",
+        );
+        describe(
             LOOPS,
             None,
             "Requests refused with 508 because they came from a pd-proxy.",
@@ -254,6 +262,7 @@ impl Metrics {
             forwarded: ForwardOutcome::ALL.map(|o| labelled(FORWARDED_IDS, o.labels())),
             forward_seconds: histogram(FORWARD_SECONDS),
             invalid_ids: counter(INVALID_IDS),
+            trace_spans_dropped: counter(TRACE_SPANS_DROPPED),
             access: Access::register(&recorder),
             guards: Guards::register(&recorder),
             bytes_per_token: recorder

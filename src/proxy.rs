@@ -37,6 +37,7 @@ use crate::metrics::{Route, TimeoutKind};
 use crate::openai::{Api, ClientRequest};
 use crate::pending::{ParkedGuard, RequestId};
 use crate::tokens::PromptSize;
+use crate::trace::{Finish, Trace, TraceParent, TRACEPARENT};
 use crate::upstream;
 
 /// Bodies up to this size are parsed on the async worker that read them;
@@ -68,6 +69,7 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
     // header used later is kept.
     let auth = upstream_auth(&app, &headers);
     let named = named_prefillers(&headers);
+    let parent = TraceParent::from_headers(&headers);
     let content_length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -83,6 +85,12 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
         api = api.as_str()
     );
     let mut log = RequestLog::new(Arc::clone(&app), api, span.clone());
+    log.trace = Trace::start(
+        app.tracing.as_ref(),
+        parent,
+        wire.to_str().unwrap_or_default(),
+        api.as_str(),
+    );
     let ask = Ask {
         api,
         id,
@@ -231,7 +239,7 @@ async fn run(
         }
         await_kv(app, ask.id, guard, kv_ready, log).await?;
     }
-    let answer = Box::pin(decode(app, ask, raw)).await?;
+    let answer = Box::pin(decode(app, ask, raw, log)).await?;
     Box::pin(relay(app, answer, log)).await
 }
 
@@ -459,6 +467,7 @@ async fn prefill(
     log: &mut RequestLog,
 ) -> Result<Option<Response>, ProxyError> {
     let started = Instant::now();
+    let (mut span, traceparent) = log.trace.leg("prefill");
     let deadline = tokio::time::Instant::now() + app.config.upstream_timeout;
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     let mut last_error = None;
@@ -483,6 +492,10 @@ async fn prefill(
             upstream::LOAD_FORMAT_HEADER.clone(),
             HeaderValue::from_static("JSON"),
         );
+        if let Some(traceparent) = &traceparent {
+            req.headers_mut()
+                .insert(TRACEPARENT.clone(), traceparent.clone());
+        }
         let in_flight = prefiller.start();
         let tried_at = Instant::now();
         let call = async {
@@ -546,6 +559,13 @@ async fn prefill(
     let elapsed = started.elapsed();
     app.metrics.prefill_seconds.record(elapsed);
     log.prefill = Some(elapsed);
+    log.trace.leg_done(
+        &mut span,
+        "prefiller",
+        &prefiller.authority,
+        tried.len() - 1,
+        status.as_u16(),
+    );
     if status.is_success() {
         // The engine's exact count teaches the length estimate; only
         // worth a parse when the estimate is in use.
@@ -582,6 +602,7 @@ async fn await_kv(
     log: &mut RequestLog,
 ) -> Result<(), ProxyError> {
     let started = Instant::now();
+    let mut span = log.trace.phase("kv_wait");
     let ready = timeout(app.config.kv_ready_timeout, kv_ready).await;
     // Asked before the guard gives the entry up.
     let refused = app.pending.refused_events(id);
@@ -589,6 +610,7 @@ async fn await_kv(
     let waited = started.elapsed();
     log.kv_wait = Some(waited);
     app.metrics.kv_wait_seconds.record(waited);
+    span.set("pd.kv_ready", matches!(ready, Ok(Ok(()))));
     // The sender lives in the entry our guard owned, so it cannot have been
     // dropped before the guard: Ok(Err(_)) does not happen.
     if matches!(ready, Ok(Ok(()))) {
@@ -641,8 +663,14 @@ const DECODE_CONNECT_RETRIES: usize = 2;
 /// headers. A 5xx there is the decoder's failure, not the client's. The
 /// decoder gets the same `X-Request-Id` as the prefiller, so one id names
 /// the request in the proxy's, both engines' logs and the response's `id`.
-async fn decode(app: &App, ask: Ask<'_>, raw: Bytes) -> Result<DecoderAnswer, ProxyError> {
+async fn decode(
+    app: &App,
+    ask: Ask<'_>,
+    raw: Bytes,
+    log: &mut RequestLog,
+) -> Result<DecoderAnswer, ProxyError> {
     let started = Instant::now();
+    let (mut span, traceparent) = log.trace.leg("decode");
     let deadline = tokio::time::Instant::now() + app.config.upstream_timeout;
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     let mut last_error = None;
@@ -656,12 +684,16 @@ async fn decode(app: &App, ask: Ask<'_>, raw: Bytes) -> Result<DecoderAnswer, Pr
             last_error.take(),
         )?;
         tried.push(Arc::clone(&decoder));
-        let req = upstream::post_json(
+        let mut req = upstream::post_json(
             uri(&decoder, ask.api),
             raw.clone(),
             ask.auth,
             Some((X_REQUEST_ID.as_str(), ask.wire.clone())),
         );
+        if let Some(traceparent) = &traceparent {
+            req.headers_mut()
+                .insert(TRACEPARENT.clone(), traceparent.clone());
+        }
         let in_flight = decoder.start();
         let tried_at = Instant::now();
         match tokio::time::timeout_at(deadline, app.client.request(req)).await {
@@ -691,6 +723,13 @@ async fn decode(app: &App, ask: Ask<'_>, raw: Bytes) -> Result<DecoderAnswer, Pr
         }
     };
     let decoder = Arc::clone(in_flight.endpoint());
+    log.trace.leg_done(
+        &mut span,
+        "decoder",
+        &decoder.authority,
+        tried.len() - 1,
+        response.status().as_u16(),
+    );
     if response.status().is_server_error() {
         app.metrics.upstream_error(Leg::Decode);
         let status = response.status();
@@ -712,6 +751,7 @@ async fn decode(app: &App, ask: Ask<'_>, raw: Bytes) -> Result<DecoderAnswer, Pr
     }
     in_flight.succeeded();
     decoder.observe_latency(tried_at.elapsed());
+    log.trace.hold_decode(span);
     Ok(DecoderAnswer {
         response,
         started,
@@ -757,6 +797,7 @@ async fn relay(
         let elapsed = started.elapsed();
         log.decode_ttfb = Some(elapsed);
         app.metrics.decode_ttfb_seconds.record(elapsed);
+        log.trace.first_byte();
         log.outcome = Outcome::Completed;
         drop(in_flight);
         return Ok(passthrough(status, headers, body));
@@ -925,6 +966,20 @@ enum Outcome {
     Cut,
 }
 
+impl Outcome {
+    /// As a span attribute; still running at the end: the client left.
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Running => "client_gone",
+            Outcome::Completed => "completed",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+            Outcome::DecoderBroke => "decoder_broke",
+            Outcome::Cut => "cut",
+        }
+    }
+}
+
 /// Phase timings of one request. Dropping it writes the request's one info
 /// line and its end-to-end metrics, whichever way the request ended —
 /// including the client leaving, when hyper drops the future or the body
@@ -942,6 +997,9 @@ struct RequestLog {
     kv_timed_out: bool,
     decode_ttfb: Option<Duration>,
     outcome: Outcome,
+    /// The request's spans (`--otlp-endpoint`), or the client's
+    /// `traceparent` to pass on.
+    trace: Trace,
 }
 
 impl RequestLog {
@@ -960,6 +1018,7 @@ impl RequestLog {
             kv_timed_out: false,
             decode_ttfb: None,
             outcome: Outcome::Running,
+            trace: Trace::Off,
         }
     }
 
@@ -979,6 +1038,7 @@ impl RequestLog {
             kv_timed_out: false,
             decode_ttfb: None,
             outcome: Outcome::Completed,
+            trace: Trace::Off,
         }
     }
 }
@@ -1006,6 +1066,18 @@ impl Drop for RequestLog {
         if client_gone {
             app.metrics.client_disconnects.increment(1);
         }
+        self.trace.finish(&Finish {
+            status,
+            outcome: self.outcome.name(),
+            failed: !matches!(self.outcome, Outcome::Completed | Outcome::Refused),
+            route: if self.route == Route::Pd {
+                "pd"
+            } else {
+                "direct"
+            },
+            stream: self.stream,
+            kv_timed_out: self.kv_timed_out,
+        });
         tracing::info!(
             parent: &self.span,
             status,
@@ -1199,6 +1271,7 @@ impl RelayBody {
             self.seen_data = true;
             let ttfb = self.decode_started.elapsed();
             self.log.decode_ttfb = Some(ttfb);
+            self.log.trace.first_byte();
             if let Some(app) = &self.log.app {
                 app.metrics.decode_ttfb_seconds.record(ttfb);
             }
