@@ -220,11 +220,21 @@ impl Pending {
         Recorded::Duplicate
     }
 
-    /// Events for `id` refused as [`Recorded::WorldSizeRaised`]; 0 once
-    /// `id` is no longer parked. Read it before dropping the request's
-    /// guard.
-    pub fn refused_events(&self, id: RequestId) -> u16 {
-        self.map.get(&id).map_or(0, |parked| parked.refused)
+    /// What telemetry told `id` so far; all zero once `id` is no longer
+    /// parked. Read it before dropping the request's guard.
+    pub fn report(&self, id: RequestId) -> KvReport {
+        self.map
+            .get(&id)
+            .map_or(KvReport::default(), |parked| KvReport {
+                world_size: parked.world_size,
+                ranks: parked
+                    .ranks
+                    .iter()
+                    .map(|r| r.count_ones())
+                    .min()
+                    .unwrap_or(0),
+                refused: parked.refused,
+            })
     }
 
     pub fn len(&self) -> usize {
@@ -234,6 +244,17 @@ impl Pending {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+}
+
+/// A parked request's telemetry, for its trace and its KV-timeout warning.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KvReport {
+    /// The world size of the first event (0: none came).
+    pub world_size: u32,
+    /// Ranks heard from, for the prompt that heard from fewest.
+    pub ranks: u32,
+    /// Events refused as [`Recorded::WorldSizeRaised`].
+    pub refused: u16,
 }
 
 /// Owns one parked entry; removes it when dropped.
@@ -304,7 +325,14 @@ mod tests {
         assert!(rx.try_recv().is_err());
         assert_eq!(p.record(id, 0, 1, 0), Recorded::Ready);
         assert!(rx.try_recv().is_ok());
-        assert_eq!(p.refused_events(id), 0);
+        assert_eq!(
+            p.report(id),
+            KvReport {
+                world_size: 2,
+                ranks: 2,
+                refused: 0
+            }
+        );
     }
 
     #[test]
@@ -318,13 +346,21 @@ mod tests {
         assert_eq!(p.record(id, 1, 128, 5), Recorded::WorldSizeRaised);
         assert_eq!(p.record(id, 0, 3, 2), Recorded::WorldSizeRaised);
         assert_eq!(p.record(id, 5, 2, 0), Recorded::Rejected);
-        assert_eq!(p.refused_events(id), 2);
+        // The prompt that heard from fewest ranks (prompt 1: none) counts.
+        assert_eq!(
+            p.report(id),
+            KvReport {
+                world_size: 2,
+                ranks: 0,
+                refused: 2
+            }
+        );
         assert_eq!(p.record(id, 0, 2, 1), Recorded::Partial);
         assert_eq!(p.record(id, 1, 2, 0), Recorded::Partial);
         assert!(rx.try_recv().is_err());
         assert_eq!(p.record(id, 1, 2, 1), Recorded::Ready);
         assert!(rx.try_recv().is_ok());
-        assert_eq!(p.refused_events(RequestId::random()), 0);
+        assert_eq!(p.report(RequestId::random()), KvReport::default());
     }
 
     #[test]

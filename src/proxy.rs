@@ -605,12 +605,15 @@ async fn await_kv(
     let mut span = log.trace.phase("kv_wait");
     let ready = timeout(app.config.kv_ready_timeout, kv_ready).await;
     // Asked before the guard gives the entry up.
-    let refused = app.pending.refused_events(id);
+    let report = app.pending.report(id);
     drop(guard);
     let waited = started.elapsed();
     log.kv_wait = Some(waited);
     app.metrics.kv_wait_seconds.record(waited);
     span.set("pd.kv_ready", matches!(ready, Ok(Ok(()))));
+    span.set("pd.world_size", i64::from(report.world_size));
+    span.set("pd.ranks_reported", i64::from(report.ranks));
+    span.set("pd.events_refused", i64::from(report.refused));
     // The sender lives in the entry our guard owned, so it cannot have been
     // dropped before the guard: Ok(Err(_)) does not happen.
     if matches!(ready, Ok(Ok(()))) {
@@ -618,7 +621,7 @@ async fn await_kv(
     }
     app.metrics.kv_timeouts.increment(1);
     let secs = app.config.kv_ready_timeout.as_secs_f64();
-    let reason = kv_missing_reason(app, refused);
+    let reason = kv_missing_reason(app, report.refused);
     match app.config.on_kv_timeout {
         KvTimeoutPolicy::Decode => {
             tracing::warn!(

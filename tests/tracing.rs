@@ -235,6 +235,18 @@ async fn a_traced_request_continues_the_clients_trace_with_a_span_per_phase() {
         attr(by_name["kv_wait"], "pd.kv_ready"),
         Value::BoolValue(true)
     );
+    // pd-sim's one rank reported, and nothing was refused.
+    for (key, want) in [
+        ("pd.world_size", 1),
+        ("pd.ranks_reported", 1),
+        ("pd.events_refused", 0),
+    ] {
+        assert_eq!(
+            attr(by_name["kv_wait"], key),
+            Value::IntValue(want),
+            "{key}"
+        );
+    }
 
     // A request without a traceparent starts a trace of its own, and a
     // non-streaming answer has its relay too.
