@@ -863,7 +863,28 @@ async fn read_whole(
     Ok((parts.status, headers, body))
 }
 
-fn passthrough(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response {
+/// An upstream's answer as it came. An error without a body gets one in
+/// OpenAI's shape saying so: a client's SDK has nothing to show for an
+/// empty 400, and every error the client sees has one shape.
+fn passthrough(status: StatusCode, mut headers: HeaderMap, body: Bytes) -> Response {
+    let body = if body.is_empty() && (status.is_client_error() || status.is_server_error()) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        error_json(
+            &format!("the upstream answered {status} with no body"),
+            if status.is_client_error() {
+                "BadRequestError"
+            } else {
+                "BadGatewayError"
+            },
+            None,
+            status.as_u16(),
+        )
+    } else {
+        body
+    };
     let mut out = Response::new(Body::from(body));
     *out.status_mut() = status;
     *out.headers_mut() = headers;

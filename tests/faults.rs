@@ -690,3 +690,34 @@ async fn a_stream_that_never_starts_is_a_504_after_the_upstream_timeout() {
     assert_openai_error(&resp.json().await.unwrap(), 504);
     assert!(started.elapsed() >= Duration::from_millis(500));
 }
+
+#[tokio::test]
+async fn an_upstreams_bodiless_400_reaches_the_client_with_a_json_body() {
+    // The prefiller refuses with a bare 400: the client gets that status
+    // with an OpenAI-shaped body saying so, not hyper's parse-error text.
+    let script: Script = Arc::new(|mut tcp: TcpStream| {
+        tokio::spawn(async move {
+            let _ = tcp
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        })
+    });
+    let prefiller = scripted_decoder(script).await;
+    let s = start_with(SimConfig::default(), &[], move |_, dp| {
+        Some(common::upstream_flags(
+            "127.0.0.1",
+            prefiller,
+            "127.0.0.1",
+            dp,
+        ))
+    })
+    .await;
+    let resp = s.post("/v1/chat/completions", chat_body(false)).await;
+    assert_eq!(resp.status(), 400);
+    let message = assert_openai_error(&resp.json().await.unwrap(), 400);
+    assert!(message.contains("upstream answered 400"), "{message}");
+    assert!(
+        s.decoder.decode_requests().is_empty(),
+        "refused, never decoded"
+    );
+}
