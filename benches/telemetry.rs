@@ -16,12 +16,15 @@ const PARKED: usize = 10_000;
 const ROUNDS: usize = 50;
 
 fn run(name: &str, ids: &Ids) {
-    let pending = Pending::new(Gauge::noop());
+    let pending = Pending::new(Gauge::noop(), usize::MAX);
     let mut best = Duration::MAX;
     let mut total = Duration::ZERO;
     for _ in 0..ROUNDS {
         let request_ids: Vec<RequestId> = (0..PARKED).map(|_| RequestId::random()).collect();
-        let mut parked: Vec<_> = request_ids.iter().map(|&id| pending.park(id, 1)).collect();
+        let mut parked: Vec<_> = request_ids
+            .iter()
+            .map(|&id| pending.park(id, 1).unwrap())
+            .collect();
         // What LMCache posts: the engine id with vLLM's random suffix.
         let events: Vec<String> = request_ids
             .iter()

@@ -74,7 +74,7 @@ impl App {
             ids: OnceLock::new(),
             forwarder,
             forward_task: Mutex::new(Some(Box::pin(forward_task))),
-            pending: Pending::new(metrics.pending.clone()),
+            pending: Pending::new(metrics.pending.clone(), config.max_pending),
             fleet: Fleet::new(&config, resolver, client.clone()),
             client,
             tokens: TokenEstimate::new(metrics.bytes_per_token.clone()),

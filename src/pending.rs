@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -144,14 +145,22 @@ impl Parked {
 
 pub struct Pending {
     map: DashMap<RequestId, Parked, IdHasherBuilder>,
+    /// Entries in `map`, kept beside it: `DashMap::len` locks every shard,
+    /// too much for a check made on every request.
+    parked: AtomicUsize,
+    /// `--max-pending`.
+    cap: usize,
     gauge: Gauge,
 }
 
 impl Pending {
-    /// `gauge` is `pd_proxy_pending_requests`: it moves with the map.
-    pub fn new(gauge: Gauge) -> Arc<Self> {
+    /// `gauge` is `pd_proxy_pending_requests`: it moves with the map. At
+    /// most `cap` requests are parked at once.
+    pub fn new(gauge: Gauge, cap: usize) -> Arc<Self> {
         Arc::new(Pending {
             map: DashMap::with_hasher(IdHasherBuilder),
+            parked: AtomicUsize::new(0),
+            cap,
             gauge,
         })
     }
@@ -159,11 +168,17 @@ impl Pending {
     /// Parks `id`, expecting KV for `prompts` prompts (a completions batch
     /// has one engine request per prompt). Must happen before the prefill is
     /// sent: LMCache's event can arrive before the prefill response.
+    /// `None` when `cap` requests are parked already.
     pub fn park(
         self: &Arc<Self>,
         id: RequestId,
         prompts: usize,
-    ) -> (ParkedGuard, oneshot::Receiver<()>) {
+    ) -> Option<(ParkedGuard, oneshot::Receiver<()>)> {
+        self.parked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.cap).then_some(n + 1)
+            })
+            .ok()?;
         let (tx, rx) = oneshot::channel();
         let parked = Parked {
             ranks: vec![0; prompts.max(1)].into_boxed_slice(),
@@ -175,13 +190,13 @@ impl Pending {
         let previous = self.map.insert(id, parked);
         debug_assert!(previous.is_none(), "request ids are random 128-bit values");
         self.gauge.increment(1.0);
-        (
+        Some((
             ParkedGuard {
                 pending: Arc::clone(self),
                 id,
             },
             rx,
-        )
+        ))
     }
 
     /// Counts one rank's "store finished" for one prompt of `id`, waking the
@@ -238,11 +253,11 @@ impl Pending {
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.parked.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 }
 
@@ -266,6 +281,7 @@ pub struct ParkedGuard {
 impl Drop for ParkedGuard {
     fn drop(&mut self) {
         if self.pending.map.remove(&self.id).is_some() {
+            self.pending.parked.fetch_sub(1, Ordering::AcqRel);
             self.pending.gauge.decrement(1.0);
         }
     }
@@ -276,7 +292,7 @@ mod tests {
     use super::*;
 
     fn pending() -> Arc<Pending> {
-        Pending::new(Gauge::noop())
+        Pending::new(Gauge::noop(), usize::MAX)
     }
 
     #[test]
@@ -302,7 +318,7 @@ mod tests {
     fn ready_only_after_every_rank_of_every_prompt() {
         let p = pending();
         let id = RequestId::random();
-        let (_guard, mut rx) = p.park(id, 2);
+        let (_guard, mut rx) = p.park(id, 2).unwrap();
         assert_eq!(p.record(id, 0, 2, 0), Recorded::Partial);
         assert_eq!(p.record(id, 0, 2, 0), Recorded::Duplicate);
         assert_eq!(p.record(id, 0, 2, 1), Recorded::Partial);
@@ -318,7 +334,7 @@ mod tests {
     fn a_smaller_world_size_later_does_not_release_early() {
         let p = pending();
         let id = RequestId::random();
-        let (_guard, mut rx) = p.park(id, 1);
+        let (_guard, mut rx) = p.park(id, 1).unwrap();
         // A rank that claims world_size 1 while the first said 2 must not
         // release the request early.
         assert_eq!(p.record(id, 0, 2, 1), Recorded::Partial);
@@ -339,7 +355,7 @@ mod tests {
     fn a_larger_world_size_later_is_refused_and_counted() {
         let p = pending();
         let id = RequestId::random();
-        let (_guard, mut rx) = p.park(id, 2);
+        let (_guard, mut rx) = p.park(id, 2).unwrap();
         assert_eq!(p.record(id, 0, 2, 0), Recorded::Partial);
         // A sender claiming 128 ranks would hold the request to its
         // timeout: refused, and the real ranks still release it.
@@ -364,10 +380,23 @@ mod tests {
     }
 
     #[test]
+    fn no_more_than_cap_are_parked() {
+        let p = Pending::new(Gauge::noop(), 2);
+        let (a, b) = (RequestId::random(), RequestId::random());
+        let first = p.park(a, 1).unwrap();
+        let _second = p.park(b, 1).unwrap();
+        assert!(p.park(RequestId::random(), 1).is_none());
+        assert_eq!(p.len(), 2);
+        drop(first);
+        assert_eq!(p.len(), 1);
+        assert!(p.park(RequestId::random(), 1).is_some());
+    }
+
+    #[test]
     fn guard_is_the_only_remover() {
         let p = pending();
         let id = RequestId::random();
-        let (guard, _rx) = p.park(id, 1);
+        let (guard, _rx) = p.park(id, 1).unwrap();
         assert_eq!(p.record(id, 0, 1, 0), Recorded::Ready);
         assert_eq!(p.len(), 1, "telemetry never removes");
         drop(guard);

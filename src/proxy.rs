@@ -218,7 +218,7 @@ async fn run(
     log.route = route;
     app.metrics.route(route);
     if let Some(prefill_body) = prefill_body {
-        if app.pending.len() >= app.config.max_pending {
+        let Some((guard, kv_ready)) = app.pending.park(ask.id, prompts) else {
             app.metrics.guards.pending_full.increment(1);
             return Err(ProxyError::Overloaded {
                 message: format!(
@@ -227,8 +227,7 @@ async fn run(
                 ),
                 retry_after: 1,
             });
-        }
-        let (guard, kv_ready) = app.pending.park(ask.id, prompts);
+        };
         // The steps around the KV wait are boxed. Inline, their futures
         // (hyper's client calls: 2.2 KB for the prefill, 1.1 KB for the
         // decode, 1 KB for the relay) would size the whole request future,
