@@ -286,7 +286,8 @@ pub struct Args {
     #[arg(long, env = "PD_PROXY_MAX_PENDING", default_value_t = 8192)]
     pub max_pending: usize,
     /// Most open connections on the API port; past it new ones get 503.
-    /// The telemetry port has its own, separate allowance.
+    /// The telemetry port has its own, separate allowance. The default is
+    /// lowered to what the open-file limit carries; a value given stands.
     #[arg(long, env = "PD_PROXY_MAX_CONNECTIONS", default_value_t = 8192)]
     pub max_connections: usize,
     /// After SIGTERM: how long in-flight requests may take to finish
@@ -487,20 +488,8 @@ impl Args {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let cluster_key = match (self.cluster_key, self.cluster_key_file) {
-            (Some(_), Some(_)) => {
-                return Err("give the cluster key once: --cluster-key or --cluster-key-file".into())
-            }
-            (Some(key), None) => Some(key.trim().as_bytes().to_vec()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(&path)
-                    .map_err(|e| format!("--cluster-key-file {}: {e}", path.display()))?
-                    .trim()
-                    .as_bytes()
-                    .to_vec(),
-            ),
-            (None, None) => None,
-        };
+        let cluster_key = secret("--cluster-key", self.cluster_key, self.cluster_key_file)?
+            .map(String::into_bytes);
         if let Some(key) = &cluster_key {
             if key.len() < crate::owner::MIN_KEY_BYTES {
                 return Err(format!(
@@ -550,21 +539,11 @@ impl Args {
                 bad.len()
             ));
         }
-        let telemetry_token =
-            match (self.telemetry_token, self.telemetry_token_file) {
-                (Some(_), Some(_)) => return Err(
-                    "give the telemetry token once: --telemetry-token or --telemetry-token-file"
-                        .into(),
-                ),
-                (Some(token), None) => Some(token.trim().to_owned()),
-                (None, Some(path)) => Some(
-                    std::fs::read_to_string(&path)
-                        .map_err(|e| format!("--telemetry-token-file {}: {e}", path.display()))?
-                        .trim()
-                        .to_owned(),
-                ),
-                (None, None) => None,
-            };
+        let telemetry_token = secret(
+            "--telemetry-token",
+            self.telemetry_token,
+            self.telemetry_token_file,
+        )?;
         if let Some(token) = &telemetry_token {
             // It travels in a URL's query: only characters that need no
             // escaping there, so LMCache's URL and ours agree byte for byte.
@@ -638,6 +617,23 @@ impl Args {
                 telemetry_port: self.telemetry_port,
             },
         ))
+    }
+}
+
+/// A secret given by `flag` or by `{flag}-file` (a mounted Secret), never
+/// both; surrounding whitespace is ignored.
+fn secret(
+    flag: &str,
+    value: Option<String>,
+    file: Option<std::path::PathBuf>,
+) -> Result<Option<String>, String> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(format!("give {flag} or {flag}-file, not both")),
+        (Some(value), None) => Ok(Some(value.trim().to_owned())),
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map(|text| Some(text.trim().to_owned()))
+            .map_err(|e| format!("{flag}-file {}: {e}", path.display())),
+        (None, None) => Ok(None),
     }
 }
 

@@ -441,7 +441,7 @@ async fn serve_port(
         let Some(slot) = port.slots.take() else {
             // At the cap: said in one write, then closed, so the client
             // learns why instead of waiting in the accept queue.
-            let _ = tcp.try_write(&limits::refusal(port.slots_port()));
+            let _ = tcp.try_write(&limits::refusal(port.slots.port));
             continue;
         };
         let (port, router, stop, kill) = (
@@ -456,12 +456,6 @@ async fn serve_port(
         });
     }
     Ok(())
-}
-
-impl Port {
-    fn slots_port(&self) -> MetricPort {
-        self.slots.port
-    }
 }
 
 /// One connection, start to end.
