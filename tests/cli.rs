@@ -176,7 +176,9 @@ fn exited(mut child: std::process::Child) -> (Option<i32>, String) {
     (child.wait().unwrap().code(), err)
 }
 
-fn proxy_args(port: u16, telemetry: u16, upstream: u16, extra: &[&str]) -> Vec<String> {
+/// The proxy on `port` and `telemetry`, its prefiller and decoder at
+/// `upstream` (prefiller port, decoder port) on 127.0.0.1.
+fn proxy_args(port: u16, telemetry: u16, upstream: (u16, u16), extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         "--host",
         "127.0.0.1",
@@ -185,9 +187,9 @@ fn proxy_args(port: u16, telemetry: u16, upstream: u16, extra: &[&str]) -> Vec<S
         "--telemetry-port",
         &telemetry.to_string(),
         "--prefiller-port",
-        &upstream.to_string(),
+        &upstream.0.to_string(),
         "--decoder-port",
-        &upstream.to_string(),
+        &upstream.1.to_string(),
         "--prefiller-host",
         "127.0.0.1",
         "--decoder-host",
@@ -199,10 +201,33 @@ fn proxy_args(port: u16, telemetry: u16, upstream: u16, extra: &[&str]) -> Vec<S
     args
 }
 
+/// pd-sim's prefiller and decoder on `upstream`, posting telemetry to
+/// `telemetry`, with `extra` flags.
+fn spawn_sim(upstream: (u16, u16), telemetry: u16, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_pd-sim"))
+        .args([
+            "--prefiller-port",
+            &upstream.0.to_string(),
+            "--decoder-port",
+            &upstream.1.to_string(),
+            "--telemetry-url",
+            &format!("http://127.0.0.1:{telemetry}/api/v1/telemetry"),
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn raises_its_file_limit_and_exits_zero_after_a_clean_drain() {
     let (port, telemetry, upstream) = (free_port(), free_port(), free_port());
-    let child = spawn_listening(&proxy_args(port, telemetry, upstream, &[]), port, telemetry);
+    let child = spawn_listening(
+        &proxy_args(port, telemetry, (upstream, upstream), &[]),
+        port,
+        telemetry,
+    );
     sigterm(&child);
     let (code, err) = exited(child);
     assert_eq!(code, Some(0), "{err}");
@@ -224,28 +249,14 @@ fn raises_its_file_limit_and_exits_zero_after_a_clean_drain() {
 
 #[test]
 fn exits_non_zero_when_the_drain_cuts_a_stream() {
-    const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
-    let (port, telemetry, prefill, decode) = (free_port(), free_port(), free_port(), free_port());
-    let mut sim = Command::new(SIM)
-        .args([
-            "--prefiller-port",
-            &prefill.to_string(),
-            "--decoder-port",
-            &decode.to_string(),
-            "--telemetry-url",
-            &format!("http://127.0.0.1:{telemetry}/api/v1/telemetry"),
-            "--token-delay-ms",
-            "200",
-            "--default-tokens",
-            "1000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut args = proxy_args(port, telemetry, prefill, &["--drain-timeout", "0.5"]);
-    let at = args.iter().position(|a| a == "--decoder-port").unwrap();
-    args[at + 1] = decode.to_string();
+    let (port, telemetry) = (free_port(), free_port());
+    let upstream = (free_port(), free_port());
+    let mut sim = spawn_sim(
+        upstream,
+        telemetry,
+        &["--token-delay-ms", "200", "--default-tokens", "1000"],
+    );
+    let args = proxy_args(port, telemetry, upstream, &["--drain-timeout", "0.5"]);
     let child = spawn_listening(&args, port, telemetry);
     // A long stream, read slowly in the background.
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -280,24 +291,10 @@ fn exits_non_zero_when_the_drain_cuts_a_stream() {
 
 #[test]
 fn json_logs_are_one_object_a_line_with_the_request_fields() {
-    const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
-    let (port, telemetry, prefill, decode) = (free_port(), free_port(), free_port(), free_port());
-    let mut sim = Command::new(SIM)
-        .args([
-            "--prefiller-port",
-            &prefill.to_string(),
-            "--decoder-port",
-            &decode.to_string(),
-            "--telemetry-url",
-            &format!("http://127.0.0.1:{telemetry}/api/v1/telemetry"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut args = proxy_args(port, telemetry, prefill, &["--log-format", "json"]);
-    let at = args.iter().position(|a| a == "--decoder-port").unwrap();
-    args[at + 1] = decode.to_string();
+    let (port, telemetry) = (free_port(), free_port());
+    let upstream = (free_port(), free_port());
+    let mut sim = spawn_sim(upstream, telemetry, &[]);
+    let args = proxy_args(port, telemetry, upstream, &["--log-format", "json"]);
     let child = spawn_listening(&args, port, telemetry);
     let body = r#"{"model":"sim-model","prompt":"Say hello.","max_tokens":4}"#;
     let mut answer = String::new();

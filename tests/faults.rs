@@ -119,6 +119,28 @@ fn chunk(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The SSE head and one token event.
+fn first_event() -> Vec<u8> {
+    let mut out = SSE_HEAD.to_vec();
+    out.extend(chunk(
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+    ));
+    out
+}
+
+/// A decoder that sends `bytes`, then nothing, for ever, with the
+/// connection open.
+fn stalls_after(bytes: Vec<u8>) -> Script {
+    Arc::new(move |mut tcp: TcpStream| {
+        let bytes = bytes.clone();
+        tokio::spawn(async move {
+            let _ = tcp.write_all(&bytes).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(tcp);
+        })
+    })
+}
+
 /// A stack whose decoder is `script`; the prefiller is pd-sim.
 async fn with_decoder(script: Script, extra: &[&str]) -> common::Stack {
     let decoder = scripted_decoder(script).await;
@@ -200,18 +222,7 @@ async fn a_declared_length_past_the_limit_is_refused_unread() {
 
 #[tokio::test]
 async fn a_decoder_that_stalls_mid_stream_ends_with_an_error_event() {
-    let script: Script = Arc::new(|mut tcp: TcpStream| {
-        tokio::spawn(async move {
-            let mut out = SSE_HEAD.to_vec();
-            out.extend(chunk(
-                b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
-            ));
-            let _ = tcp.write_all(&out).await;
-            // Then nothing, for ever, with the connection open.
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(tcp);
-        })
-    });
+    let script = stalls_after(first_event());
     let s = with_decoder(script, &["--stream-idle-timeout", "0.3"]).await;
     let started = Instant::now();
     let resp = s.post("/v1/chat/completions", chat_body(true)).await;
@@ -519,12 +530,8 @@ async fn shutdown_keeps_telemetry_open_for_parked_requests() {
 async fn a_stream_past_the_drain_deadline_ends_with_an_error_event() {
     let script: Script = Arc::new(|mut tcp: TcpStream| {
         tokio::spawn(async move {
-            let mut out = SSE_HEAD.to_vec();
-            out.extend(chunk(
-                b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
-            ));
-            let _ = tcp.write_all(&out).await;
-            // A slow generation: one token a second.
+            let _ = tcp.write_all(&first_event()).await;
+            // A slow generation: a token every 100 ms, never ending.
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let event = chunk(b"data: {\"choices\":[{\"delta\":{\"content\":\".\"}}]}\n\n");
@@ -553,16 +560,7 @@ async fn a_stream_past_the_drain_deadline_ends_with_an_error_event() {
 
 #[tokio::test]
 async fn a_second_signal_ends_the_drain_at_once() {
-    let script: Script = Arc::new(|mut tcp: TcpStream| {
-        tokio::spawn(async move {
-            let mut out = SSE_HEAD.to_vec();
-            out.extend(chunk(
-                b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
-            ));
-            let _ = tcp.write_all(&out).await;
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        })
-    });
+    let script = stalls_after(first_event());
     let decoder = scripted_decoder(script).await;
     let public = bind().await;
     let telemetry = bind().await;
@@ -671,12 +669,7 @@ async fn bodies_held_at_once_stay_within_their_budget() {
 #[tokio::test]
 async fn a_stream_that_never_starts_is_a_504_after_the_upstream_timeout() {
     // Headers, then nothing: the engine queued the request and never ran it.
-    let script: Script = Arc::new(|mut tcp: TcpStream| {
-        tokio::spawn(async move {
-            let _ = tcp.write_all(SSE_HEAD).await;
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        })
-    });
+    let script = stalls_after(SSE_HEAD.to_vec());
     // A stream idle bound shorter than the upstream timeout does not apply
     // before the first byte.
     let s = with_decoder(
