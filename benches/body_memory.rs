@@ -10,9 +10,11 @@
 //!
 //! `cargo bench --bench body_memory`
 
+mod common;
+
+use common::{free_port, Proc};
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pd_proxy::openai::{Api, ClientRequest};
@@ -101,47 +103,6 @@ fn messages_body(count: usize) -> Vec<u8> {
     body
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(bin: &str, args: &[String]) -> Proc {
-        Proc(
-            Command::new(bin)
-                .args(args)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
-        )
-    }
-
-    /// Peak resident set size so far, in bytes.
-    fn hwm(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        kib * 1024
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// One HTTP/1.1 exchange on a fresh connection; the status and the
 /// answer's first bytes.
 fn exchange(
@@ -222,14 +183,18 @@ fn proxy_peak(case: &Case) -> (u64, u16, String) {
         wait_ready(([127, 0, 0, 1], port).into());
     }
     wait_ready(api_addr);
-    let before = proxy.hwm();
+    let before = proxy.status_kib("VmHWM") * 1024;
     let path = match case.api {
         Api::Chat => "/v1/chat/completions",
         Api::Completions => "/v1/completions",
     };
     let (status, head) = exchange(api_addr, "POST", path, &case.body)
         .unwrap_or_else(|e| (0, format!("no answer: {e}")));
-    (proxy.hwm().saturating_sub(before), status, head)
+    (
+        (proxy.status_kib("VmHWM") * 1024).saturating_sub(before),
+        status,
+        head,
+    )
 }
 
 /// Parse and prefill copy in this process, best of three.

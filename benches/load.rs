@@ -26,12 +26,15 @@
 //! follows [`KEPT_MARKER`] there (results measured outside the bench).
 //! `-- --quick` runs shorter, for a smoke test.
 
+mod common;
+
+use common::{free_port, Proc};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,62 +121,6 @@ fn latency_cells(s: &mut Stats) -> String {
     format!("{t50:.2} | {t99:.2} | {e50:.2} | {e99:.2}")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(bin: &str, args: &[String]) -> Proc {
-        Proc::start(Command::new(bin).args(args).stdout(Stdio::null()))
-    }
-
-    /// Starts `cmd` with `RUST_LOG=warn`; stdout and stderr as `cmd` has
-    /// them (by default the bench's).
-    fn start(cmd: &mut Command) -> Proc {
-        let bin = cmd.get_program().to_string_lossy().into_owned();
-        Proc(
-            cmd.env("RUST_LOG", "warn")
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
-        )
-    }
-
-    /// user + system CPU time so far, from /proc.
-    fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
-        // Fields after the ")" closing the command name; utime and stime
-        // are fields 14 and 15 of the whole line.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = rest.split(' ').collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
-    }
-
-    /// Resident set size in MiB.
-    fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        kib / 1024.0
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The whole machine's CPU ticks from /proc/stat: (busy, total). Steal
 /// (time the hypervisor gave to other guests) counts as busy: it is as
 /// unavailable to the three processes here as their own work.
@@ -197,16 +144,6 @@ fn machine_ticks() -> (u64, u64) {
 fn machine_busy_since(before: (u64, u64)) -> f64 {
     let now = machine_ticks();
     100.0 * (now.0 - before.0) as f64 / (now.1 - before.1).max(1) as f64
-}
-
-fn clock_ticks() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100)
 }
 
 /// pd-sim and pd-proxy, started with extra flags.
@@ -1557,13 +1494,24 @@ async fn memory(report: &mut Report, parked: usize, proto: Proto) -> Vec<String>
             "--default-tokens",
             "4",
         ],
-        &["--kv-ready-timeout", "120"],
+        // Room for every parked request, and for the bench's scrapes of
+        // /metrics beside them: the defaults (8,192 parked, and as many
+        // connections as the open-file limit carries at three descriptors
+        // each) are below the bench's 10,000.
+        &[
+            "--kv-ready-timeout",
+            "120",
+            "--max-pending",
+            &parked.to_string(),
+            "--max-connections",
+            &(parked + 64).to_string(),
+        ],
     )
     .await;
     // Idle = after start-up and a scrape, as a running proxy sits.
     let _ = get_text(stack.proxy_addr, "/metrics").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle = stack.proxy.rss_mib();
+    let idle = stack.proxy.status_kib("VmRSS") as f64 / 1024.0;
 
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -1614,7 +1562,7 @@ async fn memory(report: &mut Report, parked: usize, proto: Proto) -> Vec<String>
     let mut at_peak = f64::NAN;
     while Instant::now() < deadline {
         if stack.pending().await >= parked as f64 {
-            at_peak = stack.proxy.rss_mib();
+            at_peak = stack.proxy.status_kib("VmRSS") as f64 / 1024.0;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1625,7 +1573,7 @@ async fn memory(report: &mut Report, parked: usize, proto: Proto) -> Vec<String>
     }
     // Let the connections close and the allocator settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = stack.proxy.rss_mib();
+    let after = stack.proxy.status_kib("VmRSS") as f64 / 1024.0;
     let pending_after = stack.pending().await;
     let (label, name) = match proto {
         Proto::Http1 => ("HTTP/1.1, one connection per request", "h1"),

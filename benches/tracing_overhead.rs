@@ -7,8 +7,10 @@
 //!
 //! `cargo bench --bench tracing_overhead [-- --secs N --rounds N]`.
 
+mod common;
+
+use common::{free_port, Proc};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,54 +25,6 @@ const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
 const PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
 const CLIENTS: usize = 64;
 const CHAT_16: &[u8] = br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":16,"stream":true}"#;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(bin: &str, args: &[String]) -> Proc {
-        Proc(
-            Command::new(bin)
-                .args(args)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
-        )
-    }
-
-    /// user + system CPU time so far, in clock ticks, from /proc.
-    fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = rest.split(' ').collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
 
 async fn connect(addr: SocketAddr) -> Option<http1::SendRequest<Full<Bytes>>> {
     let tcp = TcpStream::connect(addr).await.ok()?;
@@ -212,13 +166,13 @@ async fn run(otlp: Option<SocketAddr>, secs: u64) -> Run {
         })
         .collect();
     tokio::time::sleep(warmup).await;
-    let cpu0 = proxy.cpu_ticks();
+    let cpu0 = proxy.cpu();
     let t0 = Instant::now();
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep_until((end).into()).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = (proxy.cpu_ticks() - cpu0) as f64 / clock_ticks();
+    let cpu = (proxy.cpu() - cpu0).as_secs_f64();
     for c in clients {
         let _ = c.await;
     }

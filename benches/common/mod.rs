@@ -1,0 +1,85 @@
+//! What the benchmarks share: free loopback ports, and the processes they
+//! start (pd-proxy, pd-sim), read from /proc and killed when dropped.
+
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A port nothing listens on: bound once, then released.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Clock ticks per second, the unit of /proc's CPU times.
+pub fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// A child process, killed (and reaped) when dropped, so a bench that
+/// panics leaves nothing running.
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// Starts `bin` with `args`, stdout discarded.
+    pub fn spawn(bin: &str, args: &[String]) -> Proc {
+        Proc::start(Command::new(bin).args(args).stdout(Stdio::null()))
+    }
+
+    /// Starts `cmd` with `RUST_LOG=warn`; stdout and stderr as `cmd` has
+    /// them (by default the bench's).
+    pub fn start(cmd: &mut Command) -> Proc {
+        let bin = cmd.get_program().to_string_lossy().into_owned();
+        Proc(
+            cmd.env("RUST_LOG", "warn")
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+
+    /// user + system CPU time so far, from /proc.
+    pub fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
+        // Fields after the ")" closing the command name; utime and stime
+        // are fields 14 and 15 of the whole line.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+    }
+
+    /// A `kB` field of /proc/PID/status (`VmRSS`, `VmHWM`), in KiB.
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.0.id()))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
