@@ -105,8 +105,9 @@ enum Failure {
     Run(String),
 }
 
-/// `cap_given`: `--max-connections` was set, not left at its default; a
-/// default the file limit cannot carry is lowered without a warning.
+/// `cap_given`: `--max-connections` was set, not left at its default. A
+/// default the open-file limit cannot carry is lowered to what it can; a
+/// value the operator chose stands, with a warning.
 async fn run(
     mut config: pd_proxy::Config,
     addrs: ListenAddrs,
@@ -114,15 +115,18 @@ async fn run(
 ) -> Result<(), Failure> {
     let fd_limit = pd_proxy::limits::raise_fd_limit();
     let cap = pd_proxy::server::connection_cap(config.max_connections, fd_limit);
-    if cap < config.max_connections && cap_given {
-        tracing::warn!(
-            fd_limit,
-            wanted = config.max_connections,
-            cap,
-            "the open-file limit carries fewer API connections than --max-connections; capping there"
-        );
+    if cap < config.max_connections {
+        if cap_given {
+            tracing::warn!(
+                fd_limit,
+                wanted = config.max_connections,
+                carried = cap,
+                "the open-file limit may not carry --max-connections at three descriptors a connection"
+            );
+        } else {
+            config.max_connections = cap;
+        }
     }
-    config.max_connections = cap;
     let public = pd_proxy::bind(&addrs.host, addrs.port)
         .await
         .map_err(Failure::Run)?;
