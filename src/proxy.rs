@@ -578,6 +578,7 @@ async fn prefill(
     if status.is_client_error() {
         log.status = Some(status.as_u16());
         log.outcome = Outcome::Refused;
+        log.upstream_said = Some(upstream_said("prefiller", &prefiller.authority, &answer));
         return Ok(Some(passthrough(status, headers, answer)));
     }
     app.metrics.upstream_error(Leg::Prefill);
@@ -800,7 +801,14 @@ async fn relay(
         log.decode_ttfb = Some(elapsed);
         app.metrics.decode_ttfb_seconds.record(elapsed);
         log.trace.first_byte();
-        log.outcome = Outcome::Completed;
+        if status.is_client_error() || status.is_server_error() {
+            log.upstream_said = Some(upstream_said("decoder", &decoder.authority, &body));
+        }
+        log.outcome = if status.is_client_error() {
+            Outcome::Refused
+        } else {
+            Outcome::Completed
+        };
         drop(in_flight);
         return Ok(passthrough(status, headers, body));
     }
@@ -888,6 +896,46 @@ fn passthrough(status: StatusCode, mut headers: HeaderMap, body: Bytes) -> Respo
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     out
+}
+
+/// Longest upstream message a log line carries: enough for vLLM's
+/// "This model's maximum context length is ..." with its numbers.
+const SAID_CHARS: usize = 240;
+
+/// What an upstream said when it turned a request down, for the request's
+/// log line: without it an operator sees `status=400` and must reproduce
+/// the request to learn why. The message of an OpenAI- or vLLM-shaped
+/// error (`{"error":{"message"}}`, `{"message"}`), else the body's start;
+/// cut to [`SAID_CHARS`] characters.
+fn upstream_said(role: &str, authority: &str, body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Shape<'a> {
+        #[serde(borrow)]
+        error: Option<Inner<'a>>,
+        #[serde(borrow)]
+        message: Option<std::borrow::Cow<'a, str>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner<'a> {
+        #[serde(borrow)]
+        message: Option<std::borrow::Cow<'a, str>>,
+    }
+    let parsed = serde_json::from_slice::<Shape>(body).ok();
+    let message = parsed
+        .and_then(|s| s.error.and_then(|e| e.message).or(s.message))
+        .map(|m| m.into_owned())
+        .unwrap_or_else(|| {
+            String::from_utf8_lossy(&body[..body.len().min(4 * SAID_CHARS)]).into_owned()
+        });
+    let message = message.trim();
+    let mut cut: String = message.chars().take(SAID_CHARS).collect();
+    if cut.len() < message.len() {
+        cut.push('…');
+    }
+    if cut.is_empty() {
+        cut.push_str("(no body)");
+    }
+    format!("{role} {authority}: {cut}")
 }
 
 /// The start of an upstream body, for a log line.
@@ -1020,6 +1068,8 @@ struct RequestLog {
     kv_timed_out: bool,
     decode_ttfb: Option<Duration>,
     outcome: Outcome,
+    /// Which upstream turned the request down, and what it said.
+    upstream_said: Option<String>,
     /// The request's spans (`--otlp-endpoint`), or the client's
     /// `traceparent` to pass on.
     trace: Trace,
@@ -1041,6 +1091,7 @@ impl RequestLog {
             kv_timed_out: false,
             decode_ttfb: None,
             outcome: Outcome::Running,
+            upstream_said: None,
             trace: Trace::Off,
         }
     }
@@ -1061,6 +1112,7 @@ impl RequestLog {
             kv_timed_out: false,
             decode_ttfb: None,
             outcome: Outcome::Completed,
+            upstream_said: None,
             trace: Trace::Off,
         }
     }
@@ -1112,6 +1164,7 @@ impl Drop for RequestLog {
             kv_timed_out = self.kv_timed_out,
             decode_ttfb_ms = ms(self.decode_ttfb),
             total_ms = ms(Some(total)),
+            upstream_said = self.upstream_said.as_deref(),
             "request finished"
         );
     }

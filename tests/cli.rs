@@ -289,20 +289,14 @@ fn exits_non_zero_when_the_drain_cuts_a_stream() {
     assert!(rest.contains("data: [DONE]"), "{rest}");
 }
 
-#[test]
-fn json_logs_are_one_object_a_line_with_the_request_fields() {
-    let (port, telemetry) = (free_port(), free_port());
-    let upstream = (free_port(), free_port());
-    let mut sim = spawn_sim(upstream, telemetry, &[]);
-    let args = proxy_args(port, telemetry, upstream, &["--log-format", "json"]);
-    let child = spawn_listening(&args, port, telemetry);
-    let body = r#"{"model":"sim-model","prompt":"Say hello.","max_tokens":4}"#;
+/// POSTs `body` to /v1/completions until the answer starts with `want`:
+/// the decoder may not have passed its first health check yet, so a 503 or
+/// 502 is retried, bounded. Returns the whole answer.
+fn post_until(port: u16, body: &str, want: &str) -> String {
     let mut answer = String::new();
-    // The decoder may not have passed its first health check yet: a 503
-    // or 502 is retried, bounded.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !answer.starts_with("HTTP/1.1 200") {
-        assert!(Instant::now() < deadline, "no 200: {answer}");
+    while !answer.starts_with(want) {
+        assert!(Instant::now() < deadline, "no {want}: {answer}");
         let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         std::io::Write::write_all(
             &mut tcp,
@@ -317,6 +311,87 @@ fn json_logs_are_one_object_a_line_with_the_request_fields() {
         tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         std::io::Read::read_to_string(&mut tcp, &mut answer).unwrap();
     }
+    answer
+}
+
+/// A refused request's log line says which upstream refused it and what it
+/// said, for a prefiller's refusal and for a decoder's.
+#[test]
+fn a_refusal_logs_what_the_upstream_said() {
+    let (port, telemetry) = (free_port(), free_port());
+    let upstream = (free_port(), free_port());
+    let mut sim = spawn_sim(upstream, telemetry, &[]);
+    let args = proxy_args(port, telemetry, upstream, &["--log-format", "json"]);
+    let child = spawn_listening(&args, port, telemetry);
+    // The prefiller checks the model first.
+    let answer = post_until(
+        port,
+        r#"{"model":"no-such-model","prompt":"Say hello.","max_tokens":4}"#,
+        "HTTP/1.1 404",
+    );
+    assert!(answer.contains("does not exist"), "{answer}");
+    // The prefill copy asks for one token: only the decoder sees this.
+    let answer = post_until(
+        port,
+        r#"{"model":"sim-model","prompt":"Say hello.","max_tokens":99999999}"#,
+        "HTTP/1.1 400",
+    );
+    assert!(answer.contains("max_model_len"), "{answer}");
+    sigterm(&child);
+    let (code, err) = exited(child);
+    sim.kill().unwrap();
+    sim.wait().unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let finished: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .filter(|l| l["message"] == "request finished")
+        .collect();
+    let said = |status: u64| -> String {
+        let line = finished
+            .iter()
+            .rfind(|l| l["status"] == status)
+            .unwrap_or_else(|| panic!("no {status} line: {err}"));
+        assert_eq!(line["outcome"], "Refused", "{line}");
+        line["upstream_said"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no upstream_said: {line}"))
+            .to_owned()
+    };
+    let prefiller = said(404);
+    assert!(
+        prefiller.starts_with(&format!(
+            "prefiller 127.0.0.1:{}: The model `no-such-model` does not exist",
+            upstream.0
+        )),
+        "{prefiller}"
+    );
+    let decoder = said(400);
+    assert!(
+        decoder.starts_with(&format!(
+            "decoder 127.0.0.1:{}: max_tokens=99999999",
+            upstream.1
+        )),
+        "{decoder}"
+    );
+    let ok = finished.iter().find(|l| l["status"] == 200);
+    assert!(ok.is_none(), "{err}");
+}
+
+#[test]
+fn json_logs_are_one_object_a_line_with_the_request_fields() {
+    let (port, telemetry) = (free_port(), free_port());
+    let upstream = (free_port(), free_port());
+    let mut sim = spawn_sim(upstream, telemetry, &[]);
+    let args = proxy_args(port, telemetry, upstream, &["--log-format", "json"]);
+    let child = spawn_listening(&args, port, telemetry);
+    post_until(
+        port,
+        r#"{"model":"sim-model","prompt":"Say hello.","max_tokens":4}"#,
+        "HTTP/1.1 200",
+    );
     sigterm(&child);
     let (code, err) = exited(child);
     sim.kill().unwrap();
