@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Start the real disaggregated stack on one machine, in the seed's order:
-#   mooncake_master -> lmcache server -> pd-proxy -> vLLM decoder -> vLLM prefiller
-# waiting for each to be ready before starting the next.
+# Start the real disaggregated stack on one machine:
+#   mooncake_master, then LMCache's MP server and pd-proxy together, then the
+#   vLLM decoder and prefiller together,
+# waiting for each stage to be ready before the next (a progress line per
+# process every 15 s while it starts). vLLM on CPU spends most of its start
+# importing and compiling, one core each, so starting both at once roughly
+# halves the wait on a 2-core machine.
 #
 #   deploy/up.sh [--dry-run]
 #
@@ -11,7 +15,9 @@
 # a message naming each problem (exit 2): invalid or colliding ports,
 # Mooncake's HTTP metadata server on LMCache's HTTP port, ports already in
 # use, missing binaries/model/RDMA device/LMCache Mooncake extension, a stack
-# already running in PD_RUN_DIR. Values that must agree are derived, not set:
+# already running in PD_RUN_DIR. Every check is quick (nothing imports LMCache
+# or vLLM): a refusal comes in well under a second. Ports are compared as
+# numbers (08000 is 8000). Values that must agree are derived, not set:
 # the prefiller's telemetry endpoint from PD_TELEMETRY_PORT and
 # PD_TELEMETRY_TOKEN, the adapter's master_server_addr from
 # PD_MASTER_RPC_PORT, the proxy's upstream ports from the vLLM ports.
@@ -55,6 +61,7 @@ done
 . "$here/pd.env"
 
 say() { echo "up.sh: $*"; }
+$dry_run || say "checking the configuration (PD_PROFILE=$PD_PROFILE)"
 
 # ---------------------------------------------------------------------------
 # 1. The checklist. Configuration problems are always fatal; host problems
@@ -67,6 +74,12 @@ config_problem() { config_problems+=("$*"); }
 host_problem() { host_problems+=("$*"); }
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+# A port as a number, or nothing: leading zeros dropped (so 08000 and 8000
+# are one port), past 5 digits not a port (and never an arithmetic overflow).
+port_number() {
+  local digits=${1#"${1%%[!0]*}"}
+  [[ "$1" =~ ^[0-9]+$ ]] && [ ${#digits} -le 5 ] && echo $((10#${digits:-0}))
+}
 
 # (pd.env refused any PD_PROFILE but gpu and cpu.)
 
@@ -90,7 +103,8 @@ case "$PD_MOONCAKE_METADATA_SERVER" in
     # shellcheck disable=SC2034 # read through ${!var} below
     PD_HTTP_METADATA_PORT=$http_metadata_port
     port_vars+=(PD_HTTP_METADATA_PORT)
-    if [ "$http_metadata_port" = "$PD_LMCACHE_HTTP_PORT" ]; then
+    if [ -n "$(port_number "$http_metadata_port")" ] &&
+      [ "$(port_number "$http_metadata_port")" = "$(port_number "$PD_LMCACHE_HTTP_PORT")" ]; then
       config_problem "Mooncake HTTP metadata server ($PD_MOONCAKE_METADATA_SERVER) is on port $http_metadata_port, which is LMCache's HTTP port (PD_LMCACHE_HTTP_PORT): move one of them (or use PD_MOONCAKE_METADATA_SERVER=P2PHANDSHAKE)"
     fi
     ;;
@@ -99,43 +113,64 @@ esac
 
 declare -A port_owner=()
 for var in "${port_vars[@]}"; do
-  port=${!var}
-  if ! is_uint "$port" || [ "$port" -lt 1 ] || [ "$port" -gt 65535 ]; then
-    config_problem "$var='$port': not a port number (1-65535)"
+  port=$(port_number "${!var}") || true
+  if [ -z "$port" ] || [ "$port" -lt 1 ] || [ "$port" -gt 65535 ]; then
+    config_problem "$var='${!var}': not a port number (1-65535)"
     continue
   fi
+  # Every later use (commands, checks, stack.env) sees the number.
+  printf -v "$var" '%s' "$port"
   if [ -n "${port_owner[$port]:-}" ]; then
     config_problem "port $port is set for both ${port_owner[$port]} and $var: every port of the stack must differ"
   else
     port_owner[$port]=$var
   fi
 done
+[ -z "$http_metadata_port" ] || http_metadata_port=$PD_HTTP_METADATA_PORT
 
 for var in PD_LMCACHE_L1_SIZE_GB PD_GLOBAL_SEGMENT_SIZE PD_LOCAL_BUFFER_SIZE \
   PD_START_TIMEOUT PD_LMCACHE_START_TIMEOUT PD_VLLM_START_TIMEOUT PD_STOP_TIMEOUT \
   PD_KV_READY_TIMEOUT PD_MASTER_VERBOSE; do
   is_uint "${!var}" || config_problem "$var='${!var}': must be a whole number"
 done
-# Importing LMCache takes seconds: ask once.
-lmcache_mooncake_state=""
-lmcache_mooncake_ok() {
-  if [ -z "$lmcache_mooncake_state" ]; then
-    if "$PD_PYTHON" -c 'import lmcache.lmcache_mooncake' >/dev/null 2>&1; then
-      lmcache_mooncake_state=yes
-    else
-      lmcache_mooncake_state=no
-    fi
+# Which Mooncake L2 adapters the venv's Python could load, found without
+# importing anything (importing LMCache takes seconds; find_spec of a
+# top-level package runs none of its code): LMCache's native extension
+# (lmcache.lmcache_mooncake) and Mooncake's Python binding (mooncake.store),
+# which deploy/pd_mooncake_l2.py drives. Asked once, in a few milliseconds.
+l2_found=""
+l2_have() { # native|store
+  if [ -z "$l2_found" ]; then
+    l2_found=$("$PD_PYTHON" - 2>/dev/null <<'EOF' || true
+import glob, importlib.util, os
+def found(package, pattern):
+    spec = importlib.util.find_spec(package)
+    dirs = (spec.submodule_search_locations or []) if spec else []
+    return any(glob.glob(os.path.join(d, pattern)) for d in dirs)
+print("native" * found("lmcache", "lmcache_mooncake*.so"), "store" * found("mooncake", "store*.so"))
+EOF
+)
+    l2_found="[$l2_found]"
   fi
-  [ "$lmcache_mooncake_state" = yes ]
+  [[ "$l2_found" == *"$1"* ]]
 }
 case "$PD_LMCACHE_L2" in
-  none | mooncake_store) ;;
+  none | mooncake_store | mooncake_plugin) ;;
   auto)
-    if lmcache_mooncake_ok; then PD_LMCACHE_L2=mooncake_store; else PD_LMCACHE_L2=none; fi
+    if l2_have native; then
+      PD_LMCACHE_L2=mooncake_store
+    elif l2_have store; then
+      PD_LMCACHE_L2=mooncake_plugin
+    else
+      PD_LMCACHE_L2=none
+    fi
     l2_note="PD_LMCACHE_L2=auto -> $PD_LMCACHE_L2"
-    [ "$PD_LMCACHE_L2" = mooncake_store ] || l2_note+=" (lmcache.lmcache_mooncake not importable: LMCache runs with its CPU L1 only)"
+    case "$PD_LMCACHE_L2" in
+      mooncake_plugin) l2_note+=" (LMCache's native lmcache.lmcache_mooncake is not built: Mooncake Store through deploy/pd_mooncake_l2.py)" ;;
+      none) l2_note+=" (neither lmcache.lmcache_mooncake nor mooncake.store is importable: LMCache runs with its CPU L1 only)" ;;
+    esac
     ;;
-  *) config_problem "PD_LMCACHE_L2='$PD_LMCACHE_L2': must be 'mooncake_store', 'none' or 'auto'" ;;
+  *) config_problem "PD_LMCACHE_L2='$PD_LMCACHE_L2': must be 'mooncake_store', 'mooncake_plugin', 'none' or 'auto'" ;;
 esac
 case "$PD_MOONCAKE_PROTOCOL" in
   tcp) ;;
@@ -197,13 +232,16 @@ fi
 if [ "$PD_PROFILE" = cpu ] && [ ! -f "$PD_MODEL/config.json" ]; then
   host_problem "PD_MODEL='$PD_MODEL' has no config.json: run deploy/setup-cpu.sh to make the tiny model"
 fi
-if [ "$PD_LMCACHE_L2" = mooncake_store ]; then
+if [ "$PD_LMCACHE_L2" = mooncake_store ] || [ "$PD_LMCACHE_L2" = mooncake_plugin ]; then
   if [ "$PD_MOONCAKE_PROTOCOL" = rdma ] && [ ! -e "/sys/class/infiniband/$PD_RDMA_DEVICE" ]; then
     host_problem "RDMA device PD_RDMA_DEVICE='$PD_RDMA_DEVICE' not found in /sys/class/infiniband (set PD_RDMA_DEVICE, or PD_MOONCAKE_PROTOCOL=tcp)"
   fi
-  if ! lmcache_mooncake_ok; then
-    host_problem "PD_LMCACHE_L2=mooncake_store needs LMCache's native lmcache.lmcache_mooncake extension, which '$PD_PYTHON' cannot import (prebuilt LMCache wheels lack it: build LMCache with BUILD_MOONCAKE=1, see deploy/README.md), or set PD_LMCACHE_L2=none"
-  fi
+fi
+if [ "$PD_LMCACHE_L2" = mooncake_store ] && ! l2_have native; then
+  host_problem "PD_LMCACHE_L2=mooncake_store needs LMCache's native lmcache.lmcache_mooncake extension, which '$PD_PYTHON' cannot import (prebuilt LMCache wheels lack it: build it with deploy/setup-cpu.sh --mooncake-ext, see deploy/README.md), or set PD_LMCACHE_L2=mooncake_plugin (Mooncake Store through deploy/pd_mooncake_l2.py) or auto"
+fi
+if [ "$PD_LMCACHE_L2" = mooncake_plugin ] && ! l2_have store; then
+  host_problem "PD_LMCACHE_L2=mooncake_plugin needs Mooncake's Python binding (mooncake.store, from the mooncake-transfer-engine wheel), which '$PD_PYTHON' cannot import: run deploy/setup-cpu.sh, or set PD_LMCACHE_L2=none"
 fi
 
 port_in_use() { # port: true if something listens on it (any address)
@@ -271,12 +309,21 @@ if [ "$PD_LMCACHE_DISABLE_METRICS" = 1 ]; then
 else
   lmcache_cmd+=(--prometheus-port "$PD_LMCACHE_PROMETHEUS_PORT")
 fi
-if [ "$PD_LMCACHE_L2" = mooncake_store ]; then
+if [ "$PD_LMCACHE_L2" = mooncake_store ] || [ "$PD_LMCACHE_L2" = mooncake_plugin ]; then
+  # The seed's adapter settings: the native adapter's config, or the
+  # plugin connector's keyword arguments.
   rdma_field=""
   [ "$PD_MOONCAKE_PROTOCOL" != rdma ] || rdma_field=$(printf ',"rdma_devices":"%s"' "$PD_RDMA_DEVICE")
-  l2_adapter=$(printf '{"type":"mooncake_store","local_hostname":"%s","metadata_server":"%s","protocol":"%s"%s,"global_segment_size":%s,"local_buffer_size":%s,"master_server_addr":"%s"}' \
+  mooncake_settings=$(printf '"local_hostname":"%s","metadata_server":"%s","protocol":"%s"%s,"global_segment_size":%s,"local_buffer_size":%s,"master_server_addr":"%s"' \
     "$PD_LOCAL_HOSTNAME" "$PD_MOONCAKE_METADATA_SERVER" "$PD_MOONCAKE_PROTOCOL" "$rdma_field" \
     "$PD_GLOBAL_SEGMENT_SIZE" "$PD_LOCAL_BUFFER_SIZE" "$master_server_addr")
+  if [ "$PD_LMCACHE_L2" = mooncake_store ]; then
+    l2_adapter="{\"type\":\"mooncake_store\",$mooncake_settings}"
+  else
+    l2_adapter="{\"type\":\"native_plugin\",\"module_path\":\"pd_mooncake_l2\",\"class_name\":\"MooncakeStoreConnector\",\"adapter_params\":{$mooncake_settings}}"
+    # LMCache imports the connector by its module path, from deploy/.
+    lmcache_cmd=(env "PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH}" "${lmcache_cmd[@]:1}")
+  fi
   lmcache_cmd+=(--l2-adapter "$l2_adapter")
 fi
 
@@ -352,15 +399,15 @@ if $dry_run; then
     show "${build_cmd[@]}"
     echo
   fi
-  echo "# 1. mooncake_master (ready: GET http://$host:$PD_MASTER_METRICS_PORT/health)"
+  echo "# stage 1. mooncake_master (ready: GET http://$host:$PD_MASTER_METRICS_PORT/health)"
   show "${master_cmd[@]}"; echo
-  echo "# 2. lmcache (ready: GET http://$lmcache_host:$PD_LMCACHE_HTTP_PORT/)"
+  echo "# stage 2, with pd-proxy. lmcache (ready: GET http://$lmcache_host:$PD_LMCACHE_HTTP_PORT/)"
   show "${lmcache_cmd[@]}"; echo
-  echo "# 3. pd-proxy (ready: GET http://$host:$PD_PROXY_PORT/health)"
+  echo "# stage 2, with lmcache. pd-proxy (ready: GET http://$host:$PD_PROXY_PORT/health)"
   show_env "${proxy_env[@]}"; show "${proxy_cmd[@]}"; echo
-  echo "# 4. decoder (ready: GET http://$host:$PD_DECODE_PORT/health)"
+  echo "# stage 3, with the prefiller. decoder (ready: GET http://$host:$PD_DECODE_PORT/health)"
   show "${decoder_cmd[@]}"; echo
-  echo "# 5. prefiller (ready: GET http://$host:$PD_PREFILL_PORT/health)"
+  echo "# stage 3, with the decoder. prefiller (ready: GET http://$host:$PD_PREFILL_PORT/health)"
   show_env "${prefiller_env[@]}"; show "${prefiller_cmd[@]}"; echo
   exit 0
 fi
@@ -414,26 +461,55 @@ launch() { # name cmd...
   say "started $name (pid $pid, log $PD_RUN_DIR/$name.log)"
 }
 
+# A log line as up.sh may print it: the telemetry token (LMCache writes its
+# endpoint URL to the prefiller's log) as a reference, no control bytes.
+redact() { sed -e "s/$PD_TELEMETRY_TOKEN/\$PD_TELEMETRY_TOKEN/g" -e 's/\x1b\[[0-9;]*m//g' | tr -d '\000-\010\013-\037'; }
+
 fail_start() { # name reason
   echo "up.sh: $1 $2; last lines of $PD_RUN_DIR/$1.log:" >&2
-  tail -n "${PD_LOG_TAIL:-60}" "$PD_RUN_DIR/$1.log" | sed "s/^/  [$1] /" >&2
+  tail -n "${PD_LOG_TAIL:-60}" "$PD_RUN_DIR/$1.log" | redact | sed "s/^/  [$1] /" >&2
   exit 1
 }
 
-wait_http() { # name url timeout_s
-  local name=$1 url=$2 timeout=$3 pid t0
-  pid=$(cat "$PD_RUN_DIR/$name.pid")
-  t0=$SECONDS
+# Seconds between progress lines while a process starts.
+PROGRESS_EVERY=15
+
+# Waits until each process answers its URL with a 2xx, all at once, and
+# fails on the first that exits or runs out of time. Every PROGRESS_EVERY
+# seconds it says, per process still starting, how long it has taken and
+# the last line of its log.
+wait_ready() { # name url timeout [name url timeout]...
+  local -a names=() urls=() limits=() ready=()
+  while [ $# -gt 0 ]; do
+    names+=("$1") urls+=("$2") limits+=("$3") ready+=(0)
+    shift 3
+  done
+  local t0=$SECONDS next=$((SECONDS + PROGRESS_EVERY)) i name waiting last
   while :; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      fail_start "$name" "exited during start-up (waited for $url)"
-    fi
-    if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
-      say "$name ready after $((SECONDS - t0))s ($url)"
-      return 0
-    fi
-    if [ $((SECONDS - t0)) -ge "$timeout" ]; then
-      fail_start "$name" "not ready after ${timeout}s (GET $url)"
+    waiting=0
+    for i in "${!names[@]}"; do
+      [ "${ready[$i]}" = 0 ] || continue
+      name=${names[$i]}
+      kill -0 "$(cat "$PD_RUN_DIR/$name.pid")" 2>/dev/null ||
+        fail_start "$name" "exited during start-up (waited for ${urls[$i]})"
+      if curl -fsS -o /dev/null --max-time 2 "${urls[$i]}" 2>/dev/null; then
+        say "$name ready after $((SECONDS - t0))s (${urls[$i]})"
+        ready[i]=1
+        continue
+      fi
+      [ $((SECONDS - t0)) -lt "${limits[$i]}" ] ||
+        fail_start "$name" "not ready after ${limits[$i]}s (GET ${urls[$i]})"
+      waiting=$((waiting + 1))
+    done
+    [ "$waiting" -gt 0 ] || return 0
+    if [ "$SECONDS" -ge "$next" ]; then
+      for i in "${!names[@]}"; do
+        [ "${ready[$i]}" = 0 ] || continue
+        # (An empty log is no line, not a failure.)
+        last=$({ grep -v '^[[:space:]]*$' "$PD_RUN_DIR/${names[$i]}.log" 2>/dev/null || true; } | tail -n 1 | redact | cut -c1-110)
+        say "  ${names[$i]}: starting for $((SECONDS - t0))s${last:+; its log: $last}"
+      done
+      next=$((SECONDS + PROGRESS_EVERY))
     fi
     sleep 1
   done
@@ -452,24 +528,25 @@ wait_port() { # name host port timeout_s
 
 t_start=$SECONDS
 launch mooncake_master "${master_cmd[@]}"
-wait_http mooncake_master "http://$host:$PD_MASTER_METRICS_PORT/health" "$PD_START_TIMEOUT"
+wait_ready mooncake_master "http://$host:$PD_MASTER_METRICS_PORT/health" "$PD_START_TIMEOUT"
 wait_port mooncake_master "$master_host" "$PD_MASTER_RPC_PORT" "$PD_START_TIMEOUT"
 
+# LMCache (which connects its L2 to the master) and pd-proxy together.
 launch lmcache "${lmcache_cmd[@]}"
-wait_http lmcache "http://$lmcache_host:$PD_LMCACHE_HTTP_PORT/" "$PD_LMCACHE_START_TIMEOUT"
-wait_port lmcache "$lmcache_host" "$PD_LMCACHE_PORT" "$PD_START_TIMEOUT"
-
 launch_env=("${proxy_env[@]}")
 launch pd-proxy "${proxy_cmd[@]}"
-wait_http pd-proxy "http://$host:$PD_PROXY_PORT/health" "$PD_START_TIMEOUT"
+wait_ready lmcache "http://$lmcache_host:$PD_LMCACHE_HTTP_PORT/" "$PD_LMCACHE_START_TIMEOUT" \
+  pd-proxy "http://$host:$PD_PROXY_PORT/health" "$PD_START_TIMEOUT"
+wait_port lmcache "$lmcache_host" "$PD_LMCACHE_PORT" "$PD_START_TIMEOUT"
 wait_port pd-proxy "$host" "$PD_TELEMETRY_PORT" "$PD_START_TIMEOUT"
 
+# Both vLLMs connect to LMCache at start: together, once it is up.
 launch decoder "${decoder_cmd[@]}"
-wait_http decoder "http://$host:$PD_DECODE_PORT/health" "$PD_VLLM_START_TIMEOUT"
-
 launch_env=("${prefiller_env[@]}")
 launch prefiller "${prefiller_cmd[@]}"
-wait_http prefiller "http://$host:$PD_PREFILL_PORT/health" "$PD_VLLM_START_TIMEOUT"
+say "waiting for the decoder and the prefiller (vLLM; on CPU about 2-3 minutes, a progress line every ${PROGRESS_EVERY}s)"
+wait_ready decoder "http://$host:$PD_DECODE_PORT/health" "$PD_VLLM_START_TIMEOUT" \
+  prefiller "http://$host:$PD_PREFILL_PORT/health" "$PD_VLLM_START_TIMEOUT"
 
 # What ran, for tests and tools: sourceable KEY=VALUE lines. Telemetry
 # posts need ?token=$PD_TELEMETRY_TOKEN on PD_TELEMETRY_ENDPOINT.

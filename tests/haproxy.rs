@@ -282,9 +282,9 @@ async fn one_request(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_behind_haproxy_release_every_request_by_telemetry() {
     if !Path::new(HAPROXY).exists() {
-        eprintln!(
-            "skipped: haproxy not installed ({HAPROXY} is absent; \
-             `apt-get install haproxy`, as .ci/run does)"
+        common::skip(
+            "haproxy::three_replicas_behind_haproxy_release_every_request_by_telemetry",
+            &format!("{HAPROXY} is absent (`apt-get install haproxy`, as .ci/run does)"),
         );
         return;
     }

@@ -8,8 +8,8 @@
 //! addresses in their ids.
 //!
 //! Needs root and iproute2 (`ip netns`, veth, bridge). Where namespaces
-//! cannot be made the test prints `skipped: <why>` on stderr and returns;
-//! with `PD_PROXY_NETNS_REQUIRED=1` that is a failure instead.
+//! cannot be made the test is skipped (common::skip: the reason on stderr and in the skip list) and returns;
+//! with `PD_TEST_NO_SKIP=1` that is a failure instead.
 //!
 //! Layout (the bridge lives in a namespace of its own, so the host's
 //! firewall never sees the traffic between the namespaces; the test process
@@ -25,7 +25,6 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -36,8 +35,6 @@ use common::{chat_body, forwarded, get_text, metric_value};
 const PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
 const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
 const KEY: &str = "a netns test cluster key, 32 b!!";
-/// Where a skip must fail instead.
-const REQUIRED: &str = "PD_PROXY_NETNS_REQUIRED";
 
 /// Every namespace has its own ports: the same ones everywhere, as pods.
 const API_PORT: u16 = 8000;
@@ -287,11 +284,10 @@ fn setup(tag: &str, hosts: &[(&str, u8)]) -> Result<Net, Skip> {
 }
 
 fn skip(reason: &str) {
-    if std::env::var(REQUIRED).as_deref() == Ok("1") {
-        panic!("{REQUIRED}=1, but {reason}");
-    }
-    // Straight to the stream: the test harness would swallow eprintln!.
-    let _ = writeln!(std::io::stderr(), "netns: skipped: {reason}");
+    common::skip(
+        "netns::replicas_in_their_own_namespaces_forward_telemetry_to_each_other",
+        reason,
+    );
 }
 
 /// The first 36 hex digits of an owner-routed id: the owner's address,

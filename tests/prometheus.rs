@@ -18,11 +18,14 @@ use serde_json::Value;
 const PROMTOOL: &str = "/usr/bin/promtool";
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 
-fn installed(tool: &str) -> bool {
+fn installed(test: &str, tool: &str) -> bool {
     if Path::new(tool).exists() {
         return true;
     }
-    eprintln!("skipped: {tool} is absent (`apt-get install prometheus`, as .ci/run does)");
+    common::skip(
+        &format!("prometheus::{test}"),
+        &format!("{tool} is absent (`apt-get install prometheus`, as .ci/run does)"),
+    );
     false
 }
 
@@ -49,7 +52,7 @@ fn load(s: &common::Stack, clients: usize) -> Vec<tokio::task::JoinHandle<()>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_accepts_a_scrape_taken_under_load() {
-    if !installed(PROMTOOL) {
+    if !installed("promtool_accepts_a_scrape_taken_under_load", PROMTOOL) {
         return;
     }
     let sim = SimConfig {
@@ -109,7 +112,10 @@ impl Drop for Server {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prometheus_server_scrapes_the_proxy_and_answers_queries() {
-    if !installed(PROMETHEUS) {
+    if !installed(
+        "a_prometheus_server_scrapes_the_proxy_and_answers_queries",
+        PROMETHEUS,
+    ) {
         return;
     }
     let s = start(SimConfig::default(), &[]).await;

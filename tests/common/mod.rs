@@ -252,3 +252,27 @@ pub fn forwarded(metrics: &str, outcome: &str) -> f64 {
 pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     client.get(url).send().await.unwrap().text().await.unwrap()
 }
+
+/// Where [`skip`] lists the tests that could not run; `.ci/run` prints it
+/// after `cargo test`, whose own summary counts such a test as passed.
+pub const SKIPS: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/skipped-tests.txt");
+
+/// Says that `test` cannot run here, and why: on stderr, past the
+/// harness's capture, and as a line of [`SKIPS`]. The caller returns
+/// right after. With `PD_TEST_NO_SKIP=1` (where every tool is known to be
+/// installed) a skip is a failure instead.
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    if std::env::var("PD_TEST_NO_SKIP").as_deref() == Ok("1") {
+        panic!("PD_TEST_NO_SKIP=1, but {test} cannot run: {reason}");
+    }
+    let line = format!("SKIPPED {test}: {reason}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(SKIPS)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}

@@ -1,7 +1,10 @@
 """Shared state of the real-stack e2e: the stack's addresses, and the
 per-request external-KV counts and notes printed at the end of the run."""
 
+import functools
+import json
 import os
+import urllib.request
 
 import pytest
 
@@ -21,7 +24,12 @@ class Stack:
     lmcache_http_port = int(os.environ.get("PD_LMCACHE_HTTP_PORT", "8080"))
     lmcache_l2 = os.environ.get("PD_LMCACHE_L2", "none")
     model = os.environ.get("PD_SERVED_MODEL_NAME") or "tiny-qwen2"
-    max_model_len = int(os.environ.get("PD_E2E_MAX_MODEL_LEN", "512"))
+
+    @functools.cached_property
+    def max_model_len(self) -> int:
+        """The served context, as the decoder reports it."""
+        with urllib.request.urlopen(f"{self.decoder}/v1/models", timeout=30) as r:
+            return int(json.load(r)["data"][0]["max_model_len"])
 
     @property
     def proxy(self) -> str:

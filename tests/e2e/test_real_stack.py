@@ -1,9 +1,10 @@
 """End to end through the real stack: pd-proxy in front of a real vLLM
-prefiller and decoder sharing a real LMCache MP server (deploy/up.sh,
-PD_PROFILE=cpu). Proves, per request, that the decoder loaded the prompt's
-KV cache that the prefiller stored: the decoder's
-vllm:prompt_tokens_by_source_total{source="external_kv_transfer"} grows by
-at least one 256-token LMCache chunk for every request. Also checks
+prefiller and decoder sharing a real LMCache MP server with Mooncake Store
+as its L2 (deploy/up.sh, PD_PROFILE=cpu). Proves, per request, that the
+decoder loaded the prompt's KV cache that the prefiller stored: the
+decoder's vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}
+grows by every whole 256-token LMCache chunk of the prompt. The prompts are
+ordinary English prose (tests/e2e/english.py) of 300 to over 1,500 tokens. Also checks
 pd-proxy's view of its fleet on the real servers: /ready, the per-endpoint
 health gauges, and that every request took the PD route with no retry.
 
@@ -27,19 +28,12 @@ import pytest
 from openai import OpenAI
 
 from conftest import NOTES, RESULTS
+from english import prose
 from stack_http import http, metric
 
-MIN_PROMPT_TOKENS = 300
 MAX_TOKENS = 16
 CHUNK = 256  # LMCache stores whole 256-token chunks
-EXTERNAL = 'vllm:prompt_tokens_by_source_total{'
-WORDS = (
-    "the cache stores keys and values for every token of a prompt so that a "
-    "decoder can skip the prefill a prefiller already did lmcache moves the "
-    "chunks between servers mooncake keeps them in a distributed store vllm "
-    "serves the model and the proxy parks each request until its kv is ready"
-).split()
-RUN = uuid.uuid4().hex[:12]
+RUN = uuid.uuid4().hex[:8]
 
 
 # ---------------------------------------------------------------- helpers
@@ -67,30 +61,28 @@ def count_tokens(stack, *, messages=None, prompt=None) -> int:
 _serial = 0
 
 
-def make_prompt(stack, kind: str, chat: bool) -> tuple[str, int]:
-    """A prompt unique from its first token on (so no chunk of it can be in
-    LMCache already), of at least MIN_PROMPT_TOKENS tokens by the served
-    model's tokenizer, leaving room for MAX_TOKENS in the context."""
+def make_prompt(stack, kind: str, chat: bool, min_tokens: int = 300) -> tuple[str, int]:
+    """Ordinary English of at least `min_tokens` tokens by the served
+    model's tokenizer, leaving room for MAX_TOKENS in the context. Its first
+    sentence names the run and the request, so no chunk of it can be in
+    LMCache already (a chunk's key covers every token before it)."""
     global _serial
     _serial += 1
-    import random
-
-    rng = random.Random(f"{RUN}-{_serial}")
-    head = f"run {RUN} request {_serial} {kind}: "
-    n_words = 330
-    for _ in range(20):
-        text = head + " ".join(rng.choice(WORDS) for _ in range(n_words))
+    head = f"Note {_serial} of run {RUN}, for the {kind.replace('-', ' ')} test.\n\n"
+    words = max(40, min_tokens // 2)
+    limit = stack.max_model_len - MAX_TOKENS - 8
+    for _ in range(40):
+        text = head + prose(_serial, words)
         if chat:
             n = count_tokens(stack, messages=[{"role": "user", "content": text}])
         else:
             n = count_tokens(stack, prompt=text)
-        if n < MIN_PROMPT_TOKENS:
-            n_words += 30
-        elif n > stack.max_model_len - MAX_TOKENS - 8:
-            n_words -= 30
-        else:
+        if n > limit:
+            raise AssertionError(f"a {min_tokens}-token prompt does not fit the {stack.max_model_len}-token context")
+        if n >= min_tokens:
             return text, n
-    raise AssertionError("could not size a prompt between the limits")
+        words += max(10, (min_tokens - n) // 2)
+    raise AssertionError(f"could not make a prompt of {min_tokens} tokens")
 
 
 def wait_external_delta(stack, before: float, at_least: int, timeout: float = 15.0) -> int:
@@ -154,12 +146,19 @@ def upstream_endpoints(stack, port: int) -> set[str]:
     return out
 
 
+def whole_chunks(prompt_tokens: int) -> int:
+    """External KV tokens the decoder should load: every whole chunk of the
+    prompt but its last token, which the decoder computes itself to start
+    generating."""
+    return (prompt_tokens - 1) // CHUNK * CHUNK
+
+
 def record(kind: str, prompt_tokens: int, ext: int, secs: float) -> None:
     RESULTS.append((kind, prompt_tokens, ext, secs))
     print(f"{kind}: prompt {prompt_tokens} tokens, external KV {ext} tokens, {secs:.2f}s")
-    assert ext >= CHUNK, (
+    assert ext >= whole_chunks(prompt_tokens) >= CHUNK, (
         f"{kind}: the decoder loaded only {ext} external KV tokens "
-        f"(prompt {prompt_tokens} tokens); expected >= {CHUNK}"
+        f"(prompt {prompt_tokens} tokens); expected >= {whole_chunks(prompt_tokens)}"
     )
 
 
@@ -241,7 +240,7 @@ def test_decoder_alone_loads_no_external_kv(stack):
 
 @pytest.mark.parametrize("i", [1, 2])
 def test_chat_stream(stack, i):
-    text, n = make_prompt(stack, f"chat-stream-{i}", chat=True)
+    text, n = make_prompt(stack, f"chat-stream-{i}", chat=True, min_tokens={1: 300, 2: 700}[i])
     before, t0 = external_kv(stack), time.monotonic()
     status, headers, body = http(
         "POST",
@@ -265,12 +264,12 @@ def test_chat_stream(stack, i):
     assert finish[-1] in ("length", "stop"), finish
     usage = chunks[-1]["usage"]
     assert usage["prompt_tokens"] == n, usage
-    record(f"chat stream {i}", n, wait_external_delta(stack, before, CHUNK), secs)
+    record(f"chat stream {i}", n, wait_external_delta(stack, before, whole_chunks(n)), secs)
 
 
 @pytest.mark.parametrize("i", [1, 2])
 def test_chat_non_stream(stack, i):
-    text, n = make_prompt(stack, f"chat-{i}", chat=True)
+    text, n = make_prompt(stack, f"chat-{i}", chat=True, min_tokens={1: 450, 2: 1000}[i])
     before, t0 = external_kv(stack), time.monotonic()
     status, headers, body = http(
         "POST",
@@ -287,12 +286,12 @@ def test_chat_non_stream(stack, i):
     assert resp["usage"]["prompt_tokens"] == n
     if choice["finish_reason"] == "length":
         assert resp["usage"]["completion_tokens"] == MAX_TOKENS
-    record(f"chat non-stream {i}", n, wait_external_delta(stack, before, CHUNK), secs)
+    record(f"chat non-stream {i}", n, wait_external_delta(stack, before, whole_chunks(n)), secs)
 
 
 @pytest.mark.parametrize("i", [1, 2])
 def test_completions_stream(stack, i):
-    text, n = make_prompt(stack, f"completions-stream-{i}", chat=False)
+    text, n = make_prompt(stack, f"completions-stream-{i}", chat=False, min_tokens={1: 350, 2: 800}[i])
     before, t0 = external_kv(stack), time.monotonic()
     status, headers, body = http(
         "POST",
@@ -306,12 +305,12 @@ def test_completions_stream(stack, i):
     assert all(c["id"] == f"cmpl-{headers.get('x-request-id')}" for c in chunks)
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert finish[-1] in ("length", "stop"), finish
-    record(f"completions stream {i}", n, wait_external_delta(stack, before, CHUNK), secs)
+    record(f"completions stream {i}", n, wait_external_delta(stack, before, whole_chunks(n)), secs)
 
 
 def test_openai_sdk_chat_stream(stack):
     client = OpenAI(base_url=f"{stack.proxy}/v1", api_key="unused", max_retries=0, timeout=180)
-    text, n = make_prompt(stack, "sdk-chat-stream", chat=True)
+    text, n = make_prompt(stack, "sdk-chat-stream", chat=True, min_tokens=600)
     before, t0 = external_kv(stack), time.monotonic()
     stream = client.chat.completions.create(
         model=stack.model,
@@ -326,23 +325,25 @@ def test_openai_sdk_chat_stream(stack):
             finish = chunk.choices[0].finish_reason or finish
     secs = time.monotonic() - t0
     assert finish in ("length", "stop"), finish
-    record("sdk chat stream", n, wait_external_delta(stack, before, CHUNK), secs)
+    record("sdk chat stream", n, wait_external_delta(stack, before, whole_chunks(n)), secs)
 
 
 def test_openai_sdk_completions(stack):
     client = OpenAI(base_url=f"{stack.proxy}/v1", api_key="unused", max_retries=0, timeout=180)
-    text, n = make_prompt(stack, "sdk-completions", chat=False)
+    # The long one: most of a page of prose, over 1,500 tokens.
+    text, n = make_prompt(stack, "sdk-completions", chat=False, min_tokens=1600)
     before, t0 = external_kv(stack), time.monotonic()
     resp = client.completions.create(model=stack.model, prompt=text, max_tokens=MAX_TOKENS)
     secs = time.monotonic() - t0
     assert resp.choices[0].finish_reason in ("length", "stop")
     assert resp.usage.prompt_tokens == n
-    record("sdk completions", n, wait_external_delta(stack, before, CHUNK), secs)
+    record("sdk completions", n, wait_external_delta(stack, before, whole_chunks(n)), secs)
 
 
 def test_every_request_reused_kv_and_proxy_is_clean(stack):
     assert len(RESULTS) >= 8, f"only {len(RESULTS)} requests were recorded"
-    assert all(ext >= CHUNK for _, _, ext, _ in RESULTS)
+    assert all(ext >= whole_chunks(n) for _, n, ext, _ in RESULTS)
+    assert max(n for _, n, _, _ in RESULTS) >= 1500, "no prompt of 1,500 tokens or more"
     assert metric(stack.proxy, "pd_proxy_kv_ready_timeouts_total") == 0
     # The parked-request gauge returns to 0 once every answer is relayed.
     deadline = time.monotonic() + 5
@@ -357,57 +358,72 @@ def test_every_request_reused_kv_and_proxy_is_clean(stack):
     assert metric(stack.proxy, "pd_proxy_telemetry_unknown_ids_total", default=0) == 0
 
 
+def master_keys(stack) -> float:
+    return metric(stack.master, "master_key_count")
+
+
+def need_l2(stack) -> None:
+    """Skips, with the reason, where LMCache runs without Mooncake Store."""
+    if stack.lmcache_l2 not in ("mooncake_store", "mooncake_plugin"):
+        pytest.skip(
+            f"LMCache runs without an L2 here (PD_LMCACHE_L2={stack.lmcache_l2}: given so, or up.sh's "
+            "auto found neither LMCache's lmcache.lmcache_mooncake nor Mooncake's mooncake.store in the venv)"
+        )
+
+
 def test_kv_from_l2_after_l1_is_cleared(stack):
-    """The L2 path: a prompt goes through pd-proxy (its KV lands in LMCache's
-    L1, and in Mooncake Store when the mooncake_store adapter runs); LMCache's
-    L1 is then cleared (POST /cache/clear) and the same prompt goes straight
-    to the decoder. With Mooncake Store as L2 the decoder still loads the KV
-    (LMCache prefetches it from Mooncake); with L1 only it loads none."""
-    text, n = make_prompt(stack, "l2-round-trip", chat=False)
+    """The L2 path: a prompt goes through pd-proxy, and its chunks land in
+    LMCache's L1 and in Mooncake Store (the master's key count grows by at
+    least one per chunk). LMCache's L1 is then cleared (POST /cache/clear)
+    and the same prompt goes straight to the decoder, which still loads
+    every chunk: LMCache fetched them back from Mooncake."""
+    need_l2(stack)
+    text, n = make_prompt(stack, "l2-round-trip", chat=False, min_tokens=900)
+    chunks = whole_chunks(n) // CHUNK
     body = {"model": stack.model, "prompt": text, "max_tokens": 4}
-    before = external_kv(stack)
+    keys_before, before = master_keys(stack), external_kv(stack)
     status, _, out = http("POST", f"{stack.proxy}/v1/completions", body)
     assert status == 200, out
-    via_proxy = wait_external_delta(stack, before, CHUNK)
-    assert via_proxy >= CHUNK
+    via_proxy = wait_external_delta(stack, before, whole_chunks(n))
+    assert via_proxy >= whole_chunks(n), f"{via_proxy} external KV tokens via pd-proxy for {n} prompt tokens"
+    # LMCache writes to L2 behind L1: allow it a moment.
+    deadline = time.monotonic() + 20
+    while master_keys(stack) - keys_before < chunks and time.monotonic() < deadline:
+        time.sleep(0.25)
+    stored = master_keys(stack) - keys_before
+    assert stored >= chunks, f"Mooncake Store gained {stored:.0f} keys for a prompt of {chunks} chunks"
     status, _, out = http("POST", f"{stack.lmcache}/cache/clear", {})
     assert status == 200, out
     before = external_kv(stack)
     status, _, out = http("POST", f"{stack.decoder}/v1/completions", body)
     assert status == 200, out
-    if stack.lmcache_l2 == "mooncake_store":
-        from_l2 = wait_external_delta(stack, before, CHUNK)
-        NOTES.append(
-            f"L2 round trip: {via_proxy} external KV tokens via pd-proxy; after clearing "
-            f"LMCache's L1 the decoder alone loaded {from_l2} from Mooncake Store"
-        )
-        assert from_l2 >= CHUNK, f"after the L1 clear the decoder loaded {from_l2} tokens from L2"
-    else:
-        time.sleep(1)
-        from_l1_only = int(external_kv(stack) - before)
-        NOTES.append(
-            f"L1 clear: {via_proxy} external KV tokens via pd-proxy; after clearing LMCache's "
-            f"L1 (no L2) the decoder alone loaded {from_l1_only}"
-        )
-        assert from_l1_only == 0
+    from_l2 = wait_external_delta(stack, before, whole_chunks(n))
+    NOTES.append(
+        f"L2 round trip ({stack.lmcache_l2}): a {n}-token prompt via pd-proxy, {via_proxy} external KV "
+        f"tokens; Mooncake's master_key_count {keys_before:.0f} -> {keys_before + stored:.0f}; after "
+        f"clearing LMCache's L1 the decoder alone loaded {from_l2} tokens from Mooncake Store"
+    )
+    assert from_l2 >= whole_chunks(n), f"after the L1 clear the decoder loaded {from_l2} of {whole_chunks(n)} tokens"
 
 
-def test_mooncake(stack):
-    """mooncake_master runs for real; with LMCache's mooncake_store L2 adapter
-    every request's chunks also landed in Mooncake Store (master_key_count)."""
+def test_mooncake_master_is_healthy(stack):
     status, _, body = http("GET", f"{stack.master}/health", timeout=10)
     assert status == 200 and '"status":"ok"' in body.replace(" ", ""), body
-    keys = metric(stack.master, "master_key_count")
+
+
+def test_mooncake_store_holds_every_chunk(stack):
+    """Every whole chunk of every prompt sent so far is a key in Mooncake
+    Store (one key per chunk and TP rank; one rank here)."""
+    need_l2(stack)
+    keys = master_keys(stack)
     allocated = metric(stack.master, "master_allocated_bytes")
+    chunks = sum(whole_chunks(n) // CHUNK for _, n, _, _ in RESULTS)
     NOTES.append(
-        f"Mooncake: master healthy; LMCache L2 = {stack.lmcache_l2}; "
-        f"master_key_count {keys:.0f}, master_allocated_bytes {allocated:.0f}"
+        f"Mooncake Store ({stack.lmcache_l2}): master_key_count {keys:.0f}, master_allocated_bytes "
+        f"{allocated:.0f}, for {chunks} chunks of the {len(RESULTS)} recorded requests"
     )
-    if stack.lmcache_l2 == "mooncake_store":
-        # One key (or more) per request of RESULTS, plus the control and L2 prompts.
-        assert keys >= len(RESULTS), f"Mooncake Store holds {keys} keys for {len(RESULTS)} requests"
-    else:
-        assert keys == 0
+    assert keys >= chunks, f"Mooncake Store holds {keys:.0f} keys for {chunks} chunks"
+    assert allocated > 0
 
 
 def test_complete_answers_are_counted_as_200(stack):
@@ -450,8 +466,8 @@ def test_fleet_counters_after_traffic(stack):
         assert status == 200, out
         if stream:
             parse_sse(out)
-        ext = wait_external_delta(stack, before, CHUNK)
-        assert ext >= CHUNK, f"{api} stream={stream}: {ext} external KV tokens for a {n}-token prompt"
+        ext = wait_external_delta(stack, before, whole_chunks(n))
+        assert ext >= whole_chunks(n), f"{api} stream={stream}: {ext} external KV tokens for a {n}-token prompt"
 
     routes_delta = metric(stack.proxy, "pd_proxy_routes_total", {"route": "pd"}) - routes_before
     assert routes_delta == len(cases), f"pd_proxy_routes_total{{route=pd}} grew by {routes_delta}"

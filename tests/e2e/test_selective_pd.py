@@ -9,7 +9,7 @@ from the real prefiller's /tokenize, then routes by it.
   figures equal the differences of the three counts.
 - A short prompt (its true count well below 256) goes straight to the
   decoder: routes_total{route="direct"} +1, the prefiller serves nothing.
-- An ordinary English prompt of >= 400 true tokens whose bytes the starting
+- An ordinary English prompt of >= 280 true tokens whose bytes the starting
   estimate (4 bytes per token) would have put below 256 goes through the
   prefiller: routes_total{route="pd"} +1, the prefiller serves one request.
 
@@ -35,7 +35,8 @@ from second_proxy import (
 )
 
 MAX_TOKENS = 4
-LONG_TOKENS = 400
+# Clearly past THRESHOLD, so the calibrated estimate is too.
+LONG_TOKENS = 280
 SHORT = "What is a good name for a small brown dog? Please answer in a few words."
 SENTENCES = [
     "On Saturday morning we walked down to the market before the streets got busy.",
@@ -143,25 +144,25 @@ def test_short_prompt_goes_direct(stack, selective, api):
 
 @pytest.mark.parametrize("api", ["chat", "completions"])
 def test_long_prompt_of_few_bytes_goes_pd(stack, selective, api):
-    """True count >= 400 while its bytes over 4 per token (the estimate
-    before calibration) say < 256: calibrated, it must take the PD route."""
+    """The longest English text whose bytes the starting estimate (4 bytes
+    per token, before calibration) puts below 256 tokens is truly at least
+    LONG_TOKENS: calibrated, the proxy must send it through the prefiller."""
     messages = 1 if api == "chat" else 0
-    sentences, n = [], 0
+    sentences, text = [], ""
     for sentence in SENTENCES * 4:
-        sentences.append(sentence)
-        text = " ".join(sentences)
-        n = tokenize(stack.prefiller, stack.model, **({"messages": chat(text)} if api == "chat" else {"prompt": text}))
-        if n >= LONG_TOKENS:
+        longer = " ".join(sentences + [sentence])
+        if initial_estimate(len(longer.encode()), messages) >= THRESHOLD:
             break
+        sentences.append(sentence)
+        text = longer
     nbytes = len(text.encode())
-    assert n >= LONG_TOKENS, f"{len(sentences)} sentences make only {n} tokens"
+    n = tokenize(stack.prefiller, stack.model, **({"messages": chat(text)} if api == "chat" else {"prompt": text}))
     assert n + MAX_TOKENS <= stack.max_model_len, f"{n} tokens leave no room in {stack.max_model_len}"
-    if initial_estimate(nbytes, messages) >= THRESHOLD:
+    if n < LONG_TOKENS:
         pytest.skip(
-            f"this tokenizer packs {nbytes / n:.2f} bytes per token: {n} tokens take {nbytes} bytes, "
-            f"which the starting estimate already puts at >= {THRESHOLD}"
+            f"this tokenizer packs {nbytes / n:.2f} bytes per token: the longest text the starting "
+            f"estimate puts below {THRESHOLD} tokens ({nbytes} bytes) is only {n} tokens"
         )
-    assert nbytes < THRESHOLD * 4
     delta = send(stack, selective, api, text)
     NOTES.append(
         f"selective {api}: {n} true tokens in {nbytes} bytes (starting estimate "

@@ -26,14 +26,17 @@ not_ok() {
   failed=$((failed + 1))
 }
 
-# refused NAME PATTERN ENV... : up.sh (real run) exits 2, says PATTERN, starts nothing.
-# (PD_LMCACHE_L2=none unless a case sets it: `auto` imports LMCache, seconds each.)
+# refused NAME PATTERN ENV... : up.sh (real run) exits 2, says PATTERN, starts
+# nothing. Each case prints how long up.sh took to refuse (no check imports
+# LMCache or vLLM: well under a second).
 refused() {
-  local name=$1 pattern=$2 rc=0
+  local name=$1 pattern=$2 rc=0 t0 ms
   shift 2
-  env PD_RUN_DIR="$run_dir/stack" PD_PROXY_BIN=/bin/true PD_LMCACHE_L2=none "$@" bash deploy/up.sh >"$run_dir/out" 2>&1 || rc=$?
+  t0=$(date +%s%N)
+  env PD_RUN_DIR="$run_dir/stack" PD_PROXY_BIN=/bin/true "$@" bash deploy/up.sh >"$run_dir/out" 2>&1 || rc=$?
+  ms=$((($(date +%s%N) - t0) / 1000000))
   if [ "$rc" -eq 2 ] && grep -qF -- "$pattern" "$run_dir/out" && ! ls "$run_dir/stack"/*.pid >/dev/null 2>&1; then
-    ok "$name"
+    ok "$name (refused in $ms ms)"
   else
     echo "       (exit $rc, wanted 2 and: $pattern)" >>"$run_dir/out"
     not_ok "$name"
@@ -64,6 +67,14 @@ refused "HTTP metadata URL without a port (80) on LMCache's HTTP port 80" \
   PD_PROFILE=cpu PD_MOONCAKE_METADATA_SERVER=http://127.0.0.1/metadata PD_LMCACHE_HTTP_PORT=80
 refused "not a port" "PD_DECODE_PORT='82OO': not a port number" \
   PD_PROFILE=cpu PD_DECODE_PORT=82OO
+refused "ports are compared as numbers (08000 is 8000)" \
+  "port 8000 is set for both PD_PROXY_PORT and PD_TELEMETRY_PORT" \
+  PD_PROFILE=cpu PD_TELEMETRY_PORT=08000
+refused "a port of 20 digits is not a port (no arithmetic overflow)" \
+  "PD_PROXY_PORT='18446744073709559000': not a port number" \
+  PD_PROFILE=cpu PD_PROXY_PORT=18446744073709559000
+refused "port 0" "PD_DECODE_PORT='000': not a port number" \
+  PD_PROFILE=cpu PD_DECODE_PORT=000
 refused "CPU profile without the auto transfer mode" \
   "PD_PROFILE=cpu needs PD_LMCACHE_TRANSFER_MODE=auto" \
   PD_PROFILE=cpu PD_LMCACHE_TRANSFER_MODE=lmcache_driven
@@ -76,6 +87,10 @@ refused "missing binaries" "PD_VLLM_BIN='/nonexistent/vllm' not found" \
 refused "mooncake_store without the native extension" \
   "needs LMCache's native lmcache.lmcache_mooncake extension" \
   PD_PROFILE=cpu PD_LMCACHE_L2=mooncake_store PD_PYTHON=/bin/false
+refused "mooncake_plugin without Mooncake's Python binding" \
+  "PD_LMCACHE_L2=mooncake_plugin needs Mooncake's Python binding (mooncake.store" \
+  PD_PROFILE=cpu PD_LMCACHE_L2=mooncake_plugin PD_PYTHON=/bin/false
+refused "an unknown L2" "PD_LMCACHE_L2='redis': must be" PD_PROFILE=cpu PD_LMCACHE_L2=redis
 
 # A port already in use (something listening on it).
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -125,6 +140,15 @@ dry "GPU profile: the seed's commands" \
 dry "CPU profile: auto transfer mode and no metrics port" \
   "--supported-transfer-mode auto --disable-metrics" \
   PD_PROFILE=cpu
+dry "auto without Mooncake in the venv runs LMCache with L1 only, and says so" \
+  "PD_LMCACHE_L2=auto -> none (neither lmcache.lmcache_mooncake nor mooncake.store is importable" \
+  PD_PROFILE=cpu PD_LMCACHE_L2=auto PD_PYTHON=/bin/false
+dry "the plugin L2: LMCache's native_plugin adapter over deploy/pd_mooncake_l2.py, the seed's settings" \
+  '"type":"native_plugin","module_path":"pd_mooncake_l2","class_name":"MooncakeStoreConnector","adapter_params":{"local_hostname":"127.0.0.1","metadata_server":"P2PHANDSHAKE","protocol":"tcp","global_segment_size":1073741824,"local_buffer_size":268435456,"master_server_addr":"127.0.0.1:50071"}}' \
+  PD_PROFILE=cpu PD_LMCACHE_L2=mooncake_plugin PD_MASTER_RPC_PORT=50071
+dry "the plugin's module is on LMCache's PYTHONPATH" \
+  "env PYTHONPATH=$(pwd)/deploy LMCACHE_DISABLE_BANNER=1" \
+  PD_PROFILE=cpu PD_LMCACHE_L2=mooncake_plugin PYTHONPATH=
 dry "HTTP metadata enables mooncake_master's metadata server on its own port" \
   "--enable_http_metadata_server=true --http_metadata_server_host=127.0.0.1 --http_metadata_server_port=8090" \
   PD_PROFILE=gpu PD_MOONCAKE_METADATA_SERVER=http://127.0.0.1:8090/metadata
