@@ -23,15 +23,19 @@ decode_port=${PD_DECODE_PORT:-8200}
 # environment, as LMCache takes LMCACHE_REQUEST_TELEMETRY_ENDPOINT.
 telemetry_token=${PD_TELEMETRY_TOKEN:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 
+echo "== cargo build --release --bins (the first build compiles every dependency: a few minutes on 2 cores; later ones take seconds)"
 cargo build --release --bins
 bin=target/release
-run_dir=$(mktemp -d)
+# Logs live here while the demo runs; it goes with the demo.
+run_dir=$(mktemp -d "${TMPDIR:-/tmp}/pd-sim-demo.XXXXXX")
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  rm -rf "$run_dir"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 PD_SIM_TELEMETRY_URL="http://127.0.0.1:$telemetry_port/api/v1/telemetry?token=$telemetry_token" \
   "$bin/pd-sim" --prefiller-port "$prefill_port" --decoder-port "$decode_port" \
@@ -63,5 +67,5 @@ curl -sS -N "http://127.0.0.1:$proxy_port/v1/chat/completions" \
 echo "== pd-proxy log"
 cat "$run_dir/pd-proxy.log"
 if $once; then exit 0; fi
-echo "== up: pd-proxy on :$proxy_port (logs in $run_dir); Ctrl-C stops everything"
+echo "== up: pd-proxy on :$proxy_port (logs in $run_dir, removed on exit); Ctrl-C stops everything"
 wait
