@@ -40,28 +40,38 @@ trap 'exit 130' INT TERM
 PD_SIM_TELEMETRY_URL="http://127.0.0.1:$telemetry_port/api/v1/telemetry?token=$telemetry_token" \
   "$bin/pd-sim" --prefiller-port "$prefill_port" --decoder-port "$decode_port" \
   --token-delay-ms 20 >"$run_dir/pd-sim.log" 2>&1 &
-pids+=($!)
+sim_pid=$!
+pids+=("$sim_pid")
 PD_PROXY_TELEMETRY_TOKEN=$telemetry_token "$bin/pd-proxy" --host 127.0.0.1 --port "$proxy_port" \
   --prefiller-host 127.0.0.1 --prefiller-port "$prefill_port" \
   --decoder-host 127.0.0.1 --decoder-port "$decode_port" \
   --telemetry-port "$telemetry_port" 2>"$run_dir/pd-proxy.log" &
-pids+=($!)
+proxy_pid=$!
+pids+=("$proxy_pid")
 
-wait_up() { # url name log
+# Polls url until it answers 2xx, for at most 30 s; a process that exits
+# (a port already taken, say) fails at once with its log. Each try is
+# bounded: something else listening on the port may never answer.
+wait_up() { # url name pid log
   for _ in $(seq 1 300); do
-    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null && return 0
+    if ! kill -0 "$3" 2>/dev/null; then
+      echo "$2 exited; its log:" >&2
+      tail -n 20 "$4" >&2
+      exit 1
+    fi
     sleep 0.1
   done
-  echo "$2 did not come up; its log:" >&2
-  tail -n 20 "$3" >&2
+  echo "$2 did not answer $1 within 30 s; its log:" >&2
+  tail -n 20 "$4" >&2
   exit 1
 }
-wait_up "http://127.0.0.1:$prefill_port/health" pd-sim "$run_dir/pd-sim.log"
-wait_up "http://127.0.0.1:$decode_port/health" pd-sim "$run_dir/pd-sim.log"
-wait_up "http://127.0.0.1:$proxy_port/health" pd-proxy "$run_dir/pd-proxy.log"
+wait_up "http://127.0.0.1:$prefill_port/health" pd-sim "$sim_pid" "$run_dir/pd-sim.log"
+wait_up "http://127.0.0.1:$decode_port/health" pd-sim "$sim_pid" "$run_dir/pd-sim.log"
+wait_up "http://127.0.0.1:$proxy_port/health" pd-proxy "$proxy_pid" "$run_dir/pd-proxy.log"
 
 echo "== POST http://127.0.0.1:$proxy_port/v1/chat/completions (stream)"
-curl -sS -N "http://127.0.0.1:$proxy_port/v1/chat/completions" \
+curl -sS -N --max-time 60 "http://127.0.0.1:$proxy_port/v1/chat/completions" \
   -H 'Content-Type: application/json' \
   -d '{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":8,"stream":true}'
 echo "== pd-proxy log"
