@@ -314,97 +314,93 @@ fn post_until(port: u16, body: &str, want: &str) -> String {
     answer
 }
 
+/// pd-sim and pd-proxy with `--log-format json`; `send` gets the proxy's
+/// port. Returns every log line of the proxy, parsed, once it exited 0 on
+/// SIGTERM (each line must be one JSON object).
+fn json_log_of(send: impl FnOnce(u16), upstream: (u16, u16)) -> Vec<serde_json::Value> {
+    let (port, telemetry) = (free_port(), free_port());
+    let mut sim = spawn_sim(upstream, telemetry, &[]);
+    let args = proxy_args(port, telemetry, upstream, &["--log-format", "json"]);
+    let child = spawn_listening(&args, port, telemetry);
+    send(port);
+    sigterm(&child);
+    let (code, err) = exited(child);
+    sim.kill().unwrap();
+    sim.wait().unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    err.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 /// A refused request's log line says which upstream refused it and what it
 /// said, for a prefiller's refusal and for a decoder's.
 #[test]
 fn a_refusal_logs_what_the_upstream_said() {
-    let (port, telemetry) = (free_port(), free_port());
     let upstream = (free_port(), free_port());
-    let mut sim = spawn_sim(upstream, telemetry, &[]);
-    let args = proxy_args(port, telemetry, upstream, &["--log-format", "json"]);
-    let child = spawn_listening(&args, port, telemetry);
-    // The prefiller checks the model first.
-    let answer = post_until(
-        port,
-        r#"{"model":"no-such-model","prompt":"Say hello.","max_tokens":4}"#,
-        "HTTP/1.1 404",
+    let lines = json_log_of(
+        |port| {
+            // The prefiller checks the model first.
+            let answer = post_until(
+                port,
+                r#"{"model":"no-such-model","prompt":"Say hello.","max_tokens":4}"#,
+                "HTTP/1.1 404",
+            );
+            assert!(answer.contains("does not exist"), "{answer}");
+            // The prefill copy asks for one token: only the decoder sees this.
+            let answer = post_until(
+                port,
+                r#"{"model":"sim-model","prompt":"Say hello.","max_tokens":99999999}"#,
+                "HTTP/1.1 400",
+            );
+            assert!(answer.contains("max_model_len"), "{answer}");
+        },
+        upstream,
     );
-    assert!(answer.contains("does not exist"), "{answer}");
-    // The prefill copy asks for one token: only the decoder sees this.
-    let answer = post_until(
-        port,
-        r#"{"model":"sim-model","prompt":"Say hello.","max_tokens":99999999}"#,
-        "HTTP/1.1 400",
-    );
-    assert!(answer.contains("max_model_len"), "{answer}");
-    sigterm(&child);
-    let (code, err) = exited(child);
-    sim.kill().unwrap();
-    sim.wait().unwrap();
-    assert_eq!(code, Some(0), "{err}");
-    let finished: Vec<serde_json::Value> = err
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
-        })
+    let finished: Vec<&serde_json::Value> = lines
+        .iter()
         .filter(|l| l["message"] == "request finished")
         .collect();
-    let said = |status: u64| -> String {
+    // Which upstream, then its message.
+    let said = |status: u64, want: String| {
         let line = finished
             .iter()
             .rfind(|l| l["status"] == status)
-            .unwrap_or_else(|| panic!("no {status} line: {err}"));
+            .unwrap_or_else(|| panic!("no {status} line: {finished:?}"));
         assert_eq!(line["outcome"], "Refused", "{line}");
-        line["upstream_said"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no upstream_said: {line}"))
-            .to_owned()
+        let said = line["upstream_said"].as_str().unwrap_or_default();
+        assert!(said.starts_with(&want), "{line}");
     };
-    let prefiller = said(404);
-    assert!(
-        prefiller.starts_with(&format!(
+    said(
+        404,
+        format!(
             "prefiller 127.0.0.1:{}: The model `no-such-model` does not exist",
             upstream.0
-        )),
-        "{prefiller}"
+        ),
     );
-    let decoder = said(400);
-    assert!(
-        decoder.starts_with(&format!(
-            "decoder 127.0.0.1:{}: max_tokens=99999999",
-            upstream.1
-        )),
-        "{decoder}"
+    said(
+        400,
+        format!("decoder 127.0.0.1:{}: max_tokens=99999999", upstream.1),
     );
-    let ok = finished.iter().find(|l| l["status"] == 200);
-    assert!(ok.is_none(), "{err}");
+    assert!(finished.iter().all(|l| l["status"] != 200), "{finished:?}");
 }
 
 #[test]
 fn json_logs_are_one_object_a_line_with_the_request_fields() {
-    let (port, telemetry) = (free_port(), free_port());
-    let upstream = (free_port(), free_port());
-    let mut sim = spawn_sim(upstream, telemetry, &[]);
-    let args = proxy_args(port, telemetry, upstream, &["--log-format", "json"]);
-    let child = spawn_listening(&args, port, telemetry);
-    post_until(
-        port,
-        r#"{"model":"sim-model","prompt":"Say hello.","max_tokens":4}"#,
-        "HTTP/1.1 200",
+    let lines = json_log_of(
+        |port| {
+            post_until(
+                port,
+                r#"{"model":"sim-model","prompt":"Say hello.","max_tokens":4}"#,
+                "HTTP/1.1 200",
+            );
+        },
+        (free_port(), free_port()),
     );
-    sigterm(&child);
-    let (code, err) = exited(child);
-    sim.kill().unwrap();
-    sim.wait().unwrap();
-    assert_eq!(code, Some(0), "{err}");
-    let lines: Vec<serde_json::Value> = err
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
     let finished = lines
         .iter()
         .rfind(|l| l["message"] == "request finished")
-        .unwrap_or_else(|| panic!("no request line: {err}"));
+        .unwrap_or_else(|| panic!("no request line: {lines:?}"));
     assert_eq!(finished["status"], 200, "{finished}");
     assert_eq!(finished["level"], "INFO");
     assert_eq!(finished["span"]["api"], "completions", "{finished}");
