@@ -3,9 +3,9 @@
 #   mooncake_master, then LMCache's MP server and pd-proxy together, then the
 #   vLLM decoder and prefiller together,
 # waiting for each stage to be ready before the next (a progress line per
-# process every 15 s while it starts). vLLM on CPU spends most of its start
-# importing and compiling, one core each, so starting both at once roughly
-# halves the wait on a 2-core machine.
+# process every 15 s while it starts). Much of vLLM's start on CPU is
+# single-threaded importing and compiling, so on 2 cores both vLLMs come up
+# together in ~80 s where one after the other took ~110 s.
 #
 #   deploy/up.sh [--dry-run]
 #
