@@ -15,6 +15,15 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 /// A dead upstream must fail fast so the client hears about it quickly.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long an upstream connection may sit idle in the pool. The pool hands
+/// out the most recently used connection first, so at a steady load the
+/// ones in use are never idle this long and none is reopened; what a burst
+/// opened beyond the steady need is closed within two of these (the pool
+/// checks once a period), and its buffers with it. At 60 s, 10,000
+/// released requests left ~8,000 idle connections and ~150 MiB held for
+/// over a minute.
+const POOL_IDLE: Duration = Duration::from_secs(2);
+
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 pub fn client() -> HttpClient {
@@ -23,7 +32,7 @@ pub fn client() -> HttpClient {
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     connector.set_keepalive(Some(Duration::from_secs(60)));
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(POOL_IDLE)
         .pool_timer(TokioTimer::new())
         .build(connector)
 }
