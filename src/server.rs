@@ -491,6 +491,9 @@ async fn serve_connection(
         Arc::clone(&port.metrics),
     ));
     let builders = &port.builders;
+    // Each connection's task holds this future, sized for its largest
+    // branch: HTTP/2's connection state (~3.9 KB) is boxed so that each of
+    // the many HTTP/1.1 connections (~2.2 KB) does not carry its size.
     match wire {
         Wire::Http1 => {
             let conn = builders.http1.serve_connection(io, service);
@@ -499,12 +502,18 @@ async fn serve_connection(
         Wire::H2c => {
             let conn = builders.http2.serve_connection(io, service);
             let idle = Some(port.idle_timeout);
-            drive(conn, &activity, idle, stop, kill, |c| c.graceful_shutdown()).await;
+            Box::pin(drive(conn, &activity, idle, stop, kill, |c| {
+                c.graceful_shutdown()
+            }))
+            .await;
         }
         Wire::Undecided => {
             let conn = builders.auto.serve_connection(io, service);
             let idle = Some(port.idle_timeout);
-            drive(conn, &activity, idle, stop, kill, |c| c.graceful_shutdown()).await;
+            Box::pin(drive(conn, &activity, idle, stop, kill, |c| {
+                c.graceful_shutdown()
+            }))
+            .await;
         }
     }
 }
