@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -26,6 +27,21 @@ pub fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
+/// `program` started on the CPUs `cpus` (a `taskset -c` list), or on the
+/// bench's own CPUs (children inherit them) when `None`. taskset execs
+/// `program`, so the child's pid, /proc entries and CPU time are
+/// `program`'s own.
+pub fn command_on(cpus: Option<&str>, program: impl AsRef<OsStr>) -> Command {
+    match cpus {
+        Some(list) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(list).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A child process, killed (and reaped) when dropped, so a bench that
 /// panics leaves nothing running.
 pub struct Proc(pub Child);
@@ -33,7 +49,12 @@ pub struct Proc(pub Child);
 impl Proc {
     /// Starts `bin` with `args`, stdout discarded.
     pub fn spawn(bin: &str, args: &[String]) -> Proc {
-        Proc::start(Command::new(bin).args(args).stdout(Stdio::null()))
+        Proc::spawn_on(None, bin, args)
+    }
+
+    /// [`Proc::spawn`] on the CPUs `cpus` (see [`command_on`]).
+    pub fn spawn_on(cpus: Option<&str>, bin: &str, args: &[String]) -> Proc {
+        Proc::start(command_on(cpus, bin).args(args).stdout(Stdio::null()))
     }
 
     /// Starts `cmd` with `RUST_LOG=warn`; stdout and stderr as `cmd` has
