@@ -46,7 +46,7 @@
 
 mod common;
 
-use common::{command_on, free_port, Proc};
+use common::{command_on, connect, free_port, get_text, wait_ready, Proc, CHAT_16};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -68,7 +68,6 @@ use tokio::net::TcpStream;
 const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
 const PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
 
-const CHAT_16: &[u8] = br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":16,"stream":true}"#;
 const CHAT_64: &[u8] = br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":64,"stream":true}"#;
 
 /// In `benches/RESULTS.md`, this line and what follows it are kept when
@@ -440,36 +439,6 @@ impl Stack {
             .find_map(|l| l.strip_prefix("pd_proxy_pending_requests "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(f64::NAN)
-    }
-}
-
-async fn connect(addr: SocketAddr) -> Option<http1::SendRequest<Full<Bytes>>> {
-    let tcp = TcpStream::connect(addr).await.ok()?;
-    tcp.set_nodelay(true).ok()?;
-    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await.ok()?;
-    tokio::spawn(conn);
-    Some(sender)
-}
-
-async fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut sender = connect(addr).await?;
-    let req = http::Request::get(format!("http://{addr}{path}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = sender.send_request(req).await.ok()?;
-    if resp.status() != 200 {
-        return None;
-    }
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    String::from_utf8(body.to_vec()).ok()
-}
-
-/// Polls `GET /health` until 200 (bounded).
-async fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get_text(addr, "/health").await.is_none() {
-        assert!(Instant::now() < deadline, "{addr} never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{free_port, Proc};
+use common::{connect, free_port, get_text, wait_ready, Proc, CHAT_16};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,42 +18,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
 const PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
 const CLIENTS: usize = 64;
-const CHAT_16: &[u8] = br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":16,"stream":true}"#;
-
-async fn connect(addr: SocketAddr) -> Option<http1::SendRequest<Full<Bytes>>> {
-    let tcp = TcpStream::connect(addr).await.ok()?;
-    tcp.set_nodelay(true).ok()?;
-    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await.ok()?;
-    tokio::spawn(conn);
-    Some(sender)
-}
-
-async fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut sender = connect(addr).await?;
-    let req = http::Request::get(format!("http://{addr}{path}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = sender.send_request(req).await.ok()?;
-    if resp.status() != 200 {
-        return None;
-    }
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    String::from_utf8(body.to_vec()).ok()
-}
-
-async fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get_text(addr, "/health").await.is_none() {
-        assert!(Instant::now() < deadline, "{addr} never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// One streamed request; true when it was a 200 ending in `[DONE]`.
 async fn one_request(sender: &mut http1::SendRequest<Full<Bytes>>, addr: SocketAddr) -> bool {

@@ -1,11 +1,54 @@
-//! What the benchmarks share: free loopback ports, and the processes they
-//! start (pd-proxy, pd-sim), read from /proc and killed when dropped.
+//! What the benchmarks share: free loopback ports, the processes they
+//! start (pd-proxy, pd-sim), read from /proc and killed when dropped, and
+//! the HTTP/1.1 client calls their load loops make.
 
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// The benches' request: a 16-token streamed chat completion.
+pub const CHAT_16: &[u8] = br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":16,"stream":true}"#;
+
+/// One keep-alive HTTP/1.1 connection to `addr`, with TCP_NODELAY.
+pub async fn connect(addr: SocketAddr) -> Option<http1::SendRequest<Full<Bytes>>> {
+    let tcp = TcpStream::connect(addr).await.ok()?;
+    tcp.set_nodelay(true).ok()?;
+    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await.ok()?;
+    tokio::spawn(conn);
+    Some(sender)
+}
+
+/// The body of `GET path` on a fresh connection, when it is a 200.
+pub async fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut sender = connect(addr).await?;
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    String::from_utf8(body.to_vec()).ok()
+}
+
+/// Polls `GET /health` until 200 (bounded).
+pub async fn wait_ready(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get_text(addr, "/health").await.is_none() {
+        assert!(Instant::now() < deadline, "{addr} never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// A port nothing listens on: bound once, then released.
 pub fn free_port() -> u16 {
