@@ -41,9 +41,10 @@ pub enum ProxyError {
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
     /// An upstream could not be reached, failed, or answered nonsense. The
-    /// detail is logged, the client gets only which leg broke.
-    #[error("{} upstream failed: {detail}", leg.as_str())]
-    Upstream { leg: Leg, detail: String },
+    /// detail is logged, the client gets only which leg broke. Boxed: the
+    /// error is rare and every phase's `Result` carries its size.
+    #[error("{leg} upstream failed: {0}", leg = .0.leg.as_str())]
+    Upstream(Box<UpstreamError>),
     #[error("{} upstream did not answer within {secs:.1}s", leg.as_str())]
     UpstreamTimeout { leg: Leg, secs: f64 },
     /// No endpoint of a role is known: every name failed to resolve so far
@@ -88,7 +89,7 @@ impl ProxyError {
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } | ProxyError::KvTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -109,7 +110,7 @@ impl ProxyError {
             ProxyError::PayloadTooLarge { .. } => "RequestTooLargeError",
             ProxyError::NotFound(_) => "NotFoundError",
             ProxyError::MethodNotAllowed(_) => "MethodNotAllowedError",
-            ProxyError::Upstream { .. } => "BadGatewayError",
+            ProxyError::Upstream(_) => "BadGatewayError",
             ProxyError::UpstreamTimeout { .. } | ProxyError::KvTimeout { .. } => {
                 "GatewayTimeoutError"
             }
@@ -143,8 +144,11 @@ impl ProxyError {
     /// OS errors) stay in the log.
     fn public_message(&self) -> String {
         match self {
-            ProxyError::Upstream { leg, .. } => {
-                format!("the {} upstream failed; see the proxy log", leg.as_str())
+            ProxyError::Upstream(err) => {
+                format!(
+                    "the {} upstream failed; see the proxy log",
+                    err.leg.as_str()
+                )
             }
             other => other.to_string(),
         }
@@ -196,4 +200,173 @@ impl IntoResponse for ProxyError {
         }
         response
     }
+}
+
+/// How an upstream call failed. The kind decides whether another endpoint
+/// may take the request over; the source keeps the cause chain for the log.
+#[derive(Debug)]
+pub struct UpstreamError {
+    pub leg: Leg,
+    /// The endpoint's `host:port`; `None` when no endpoint was asked.
+    pub endpoint: Option<String>,
+    pub kind: UpstreamKind,
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// No connection could be made: the server never saw the request.
+    Connect,
+    /// The connection was refused, reset or closed before any of the
+    /// answer came back.
+    Reset,
+    /// The answer broke off, or its body could not be read: the server may
+    /// have done the work.
+    Broken,
+    /// The server answered with an error status; `said` is the start of
+    /// its body.
+    Status { status: StatusCode, said: String },
+    /// Nothing was asked: no endpoint is known.
+    NoEndpoint,
+}
+
+impl UpstreamError {
+    pub fn new(leg: Leg, endpoint: &str, kind: UpstreamKind) -> Self {
+        UpstreamError {
+            leg,
+            endpoint: Some(endpoint.to_owned()),
+            kind,
+            source: None,
+        }
+    }
+
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Classifies a failed call of the HTTP client: a connect error, a
+    /// connection that closed before any answer, or anything else.
+    pub fn from_client(leg: Leg, endpoint: &str, err: hyper_util::client::legacy::Error) -> Self {
+        use std::error::Error as _;
+        let kind = if err.is_connect() {
+            UpstreamKind::Connect
+        } else if closed_before_answer(&err) {
+            UpstreamKind::Reset
+        } else {
+            UpstreamKind::Broken
+        };
+        UpstreamError::new(leg, endpoint, kind).with_source(ClientError {
+            detail: match err.source() {
+                Some(source) => format!("{err}: {source}"),
+                None => err.to_string(),
+            },
+        })
+    }
+
+    /// Another endpoint may take the request over: it never reached an
+    /// engine, or the engine turned it away as unavailable (503).
+    pub fn retryable(&self) -> bool {
+        match &self.kind {
+            UpstreamKind::Connect | UpstreamKind::Reset => true,
+            UpstreamKind::Status { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamKind::Broken | UpstreamKind::NoEndpoint => false,
+        }
+    }
+
+    /// No connection was made, so no engine can have started the work.
+    pub fn never_sent(&self) -> bool {
+        self.kind == UpstreamKind::Connect
+    }
+
+    /// The endpoint itself is at fault (it refused, reset or failed the
+    /// request): passive ejection counts it.
+    pub fn endpoint_failed(&self) -> bool {
+        match &self.kind {
+            UpstreamKind::Connect | UpstreamKind::Reset => true,
+            UpstreamKind::Status { status, .. } => status.is_server_error(),
+            UpstreamKind::Broken | UpstreamKind::NoEndpoint => false,
+        }
+    }
+
+    /// Why the endpoint failed, for its ejection's log line.
+    pub fn why(&self) -> String {
+        match (&self.kind, &self.source) {
+            (UpstreamKind::Status { status, .. }, _) => format!("answered {status}"),
+            (_, Some(source)) => source.to_string(),
+            (kind, None) => format!("{kind:?}"),
+        }
+    }
+
+    /// The status the upstream answered, if it answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match &self.kind {
+            UpstreamKind::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let endpoint = self.endpoint.as_deref().unwrap_or("no upstream");
+        match (&self.kind, &self.source) {
+            (UpstreamKind::Status { status, said }, _) => {
+                write!(f, "{endpoint} answered {status}: {said}")
+            }
+            (UpstreamKind::NoEndpoint, _) => f.write_str("no upstream is known yet"),
+            (_, Some(source)) => write!(f, "{endpoint}: {source}"),
+            (kind, None) => write!(f, "{endpoint}: {kind:?}"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<UpstreamError> for ProxyError {
+    fn from(err: UpstreamError) -> Self {
+        ProxyError::Upstream(Box::new(err))
+    }
+}
+
+/// Whether the client's connection closed before any of the answer came:
+/// hyper says the message was incomplete or cancelled, or the OS says the
+/// connection was reset, aborted, refused or broken.
+fn closed_before_answer(err: &hyper_util::client::legacy::Error) -> bool {
+    use std::error::Error as _;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = err.source();
+    while let Some(e) = cause {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The client's error as text: hyper-util's errors are not `Sync`, and
+/// the cause chain is only ever read by the log.
+#[derive(Debug, thiserror::Error)]
+#[error("{detail}")]
+struct ClientError {
+    detail: String,
 }
