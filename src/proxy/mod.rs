@@ -122,3 +122,26 @@ async fn run(
     let answer = Box::pin(decode::run(ctx, raw)).await?;
     Box::pin(relay::start(ctx, answer)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use super::*;
+
+    /// The size of the future an async fn returns, without calling it.
+    fn future_size<A, B, C, D, F: Future>(_: impl Fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Pinned where memory matters. A parked request holds its handler's
+    /// future through the KV wait (10,000 of them in the memory bench);
+    /// a slow SSE client holds the relayed body for the whole stream. A
+    /// change here is deliberate: box what grew, or say why it must.
+    #[test]
+    fn a_parked_request_and_a_relayed_stream_stay_small() {
+        assert_eq!(std::mem::size_of::<RequestCtx>(), 304);
+        assert_eq!(future_size(handle), 1184);
+        assert_eq!(std::mem::size_of::<relay::Relayed>(), 672);
+    }
+}

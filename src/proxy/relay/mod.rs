@@ -155,7 +155,7 @@ impl Stream {
 }
 
 /// The relayed stream, owning the request's context.
-struct Relayed {
+pub(super) struct Relayed {
     body: Layers,
     ctx: RequestCtx,
     /// When the decode leg started: the first byte's time counts from it.
