@@ -40,17 +40,14 @@ pub async fn run(ctx: &mut RequestCtx, raw: Bytes) -> Result<DecoderAnswer, Prox
         retries: DECODE_CONNECT_RETRIES,
         retry: UpstreamError::never_sent,
     };
-    let client = &ctx.app.client;
     let deadline = tokio::time::Instant::now() + ctx.app.config.upstream_timeout;
     let answer = leg::call(ctx, plan, |decoder, traceparent| {
         let req = leg::request(ctx, decoder, raw.clone(), traceparent);
+        let sent = leg::send(ctx, Leg::Decode, decoder, req);
         let decoder = Arc::clone(decoder);
         async move {
             let authority = &decoder.authority;
-            let response = client
-                .request(req)
-                .await
-                .map_err(|e| UpstreamError::from_client(Leg::Decode, authority, e))?;
+            let response = sent.await?;
             let status = response.status();
             if !status.is_server_error() {
                 return Ok(response);

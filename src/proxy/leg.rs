@@ -164,6 +164,22 @@ fn pick(
     Ok(pick.endpoint)
 }
 
+/// Sends one attempt; a failure of the HTTP client is classified as the
+/// endpoint's.
+pub fn send<'a>(
+    ctx: &'a RequestCtx,
+    leg: Leg,
+    endpoint: &Arc<Endpoint>,
+    req: http::Request<Full<Bytes>>,
+) -> impl Future<Output = Result<http::Response<Incoming>, UpstreamError>> + 'a {
+    let endpoint = Arc::clone(endpoint);
+    let call = ctx.app.client.request(req);
+    async move {
+        call.await
+            .map_err(|e| UpstreamError::from_client(leg, &endpoint.authority, e))
+    }
+}
+
 /// The request a leg sends to `endpoint`: the body as the phase made it,
 /// the request's id in `X-Request-Id` (replaced, not added), its
 /// credentials and the leg's `traceparent`.

@@ -34,20 +34,17 @@ pub async fn run(
         retries: ctx.app.config.prefill_retries as usize,
         retry: UpstreamError::retryable,
     };
-    let client = &ctx.app.client;
     let result = leg::call(ctx, plan, |prefiller, traceparent| {
         let mut req = leg::request(ctx, prefiller, body.clone(), traceparent);
         req.headers_mut().insert(
             upstream::LOAD_FORMAT_HEADER.clone(),
             HeaderValue::from_static("JSON"),
         );
+        let sent = leg::send(ctx, Leg::Prefill, prefiller, req);
         let prefiller = Arc::clone(prefiller);
         async move {
             let authority = &prefiller.authority;
-            let response = client
-                .request(req)
-                .await
-                .map_err(|e| UpstreamError::from_client(Leg::Prefill, authority, e))?;
+            let response = sent.await?;
             if let Some(waiting) = response
                 .headers()
                 .get(&upstream::LOAD_HEADER)

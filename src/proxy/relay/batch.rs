@@ -230,7 +230,7 @@ impl Gathered {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::relay::testing::{channel, next};
+    use crate::proxy::relay::testing::{channel, next, next_data};
 
     fn frame(b: &'static [u8]) -> Result<Frame<Bytes>, std::io::Error> {
         Ok(Frame::data(Bytes::from_static(b)))
@@ -270,12 +270,7 @@ mod tests {
                 .unwrap();
         }
         drop(tx);
-        let out = next(&mut batch)
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap();
+        let out = next_data(&mut batch).await;
         assert_eq!(out, &b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n"[..]);
         assert!(batch.is_end_stream());
         assert!(next(&mut batch).await.is_none());
@@ -296,12 +291,7 @@ mod tests {
             .iter()
             .enumerate()
         {
-            let out = next(&mut batch)
-                .await
-                .unwrap()
-                .unwrap()
-                .into_data()
-                .unwrap();
+            let out = next_data(&mut batch).await;
             assert_eq!(&out[..], *want);
             assert_eq!(
                 started.elapsed(),
@@ -319,12 +309,7 @@ mod tests {
         let mut batch = Batch::new(body);
         tx.send(frame(b"partial")).await.unwrap();
         tx.send(Err(std::io::Error::other("reset"))).await.unwrap();
-        let out = next(&mut batch)
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap();
+        let out = next_data(&mut batch).await;
         assert_eq!(out, &b"partial"[..]);
         assert!(!batch.is_end_stream(), "the error is still to come");
         assert!(next(&mut batch).await.unwrap().is_err());
@@ -353,23 +338,13 @@ mod tests {
             tx.send(frame(&BIG)).await.unwrap();
         }
         drop(tx);
-        let first = next(&mut batch)
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap();
+        let first = next_data(&mut batch).await;
         assert_eq!(
             first.len(),
             80 << 10,
             "two frames reach the cap; the third waits"
         );
-        let second = next(&mut batch)
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap();
+        let second = next_data(&mut batch).await;
         assert_eq!(second.len(), 40 << 10);
         assert!(next(&mut batch).await.is_none());
     }

@@ -267,6 +267,15 @@ pub(crate) mod testing {
         (tx, ChannelBody(rx))
     }
 
+    /// The body's next frame, which must be data.
+    pub async fn next_data<B: Body<Data = Bytes> + Unpin>(body: &mut B) -> Bytes
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let frame = next(body).await.expect("a frame").expect("not an error");
+        frame.into_data().expect("data, not trailers")
+    }
+
     /// The body's next frame.
     pub async fn next<B: Body + Unpin>(body: &mut B) -> Option<Result<Frame<B::Data>, B::Error>> {
         std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await

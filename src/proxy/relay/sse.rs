@@ -142,14 +142,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::relay::testing::{channel, next};
+    use crate::proxy::relay::testing::{channel, next, next_data};
     use crate::proxy::relay::watch::Watch;
     use std::time::Duration;
     use tokio_util::sync::CancellationToken;
-
-    fn data(frame: Result<Frame<Bytes>, Infallible>) -> Bytes {
-        frame.unwrap().into_data().unwrap()
-    }
 
     #[tokio::test(start_paused = true)]
     async fn a_broken_stream_ends_with_an_error_event_and_done() {
@@ -164,11 +160,11 @@ mod tests {
         ))))
         .await
         .unwrap();
-        assert!(data(next(&mut sse).await.unwrap()).starts_with(b"data: {\"a\""));
+        assert!(next_data(&mut sse).await.starts_with(b"data: {\"a\""));
         tx.send(Err(std::io::Error::other("connection reset")))
             .await
             .unwrap();
-        let end = data(next(&mut sse).await.unwrap());
+        let end = next_data(&mut sse).await;
         let text = std::str::from_utf8(&end).unwrap();
         assert!(
             text.starts_with("\n\ndata: {\"error\":"),
@@ -198,7 +194,7 @@ mod tests {
             .await
             .unwrap();
         next(&mut sse).await.unwrap().unwrap();
-        let end = data(next(&mut sse).await.unwrap());
+        let end = next_data(&mut sse).await;
         let text = std::str::from_utf8(&end).unwrap();
         assert!(text.starts_with("data: {\"error\":"), "{text}");
         assert!(
