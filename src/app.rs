@@ -58,13 +58,13 @@ impl App {
     /// For tests and embedders that decide what names resolve to.
     pub fn with_resolver(config: Config, resolver: Arc<dyn Resolve>) -> Arc<Self> {
         let metrics = Metrics::new();
-        let max_body_bytes = config.max_body_bytes;
+        let max_body_bytes = config.limits.max_body_bytes;
         let client = upstream::client();
         let (forwarder, forward_task) = Forwarder::new(client.clone(), Arc::clone(&metrics));
-        let tracing = config.otlp_endpoint.as_ref().and_then(|endpoint| {
+        let tracing = config.tracing.otlp_endpoint.as_ref().and_then(|endpoint| {
             crate::trace::Tracing::start(
                 endpoint,
-                config.otlp_timeout,
+                config.tracing.otlp_timeout,
                 metrics.trace_spans_dropped.clone(),
             )
             .inspect_err(|e| tracing::error!(error = %e, "traces are off"))
@@ -74,8 +74,8 @@ impl App {
             ids: OnceLock::new(),
             forwarder,
             forward_task: Mutex::new(Some(Box::pin(forward_task))),
-            pending: Pending::new(metrics.pending.clone(), config.max_pending),
-            fleet: Fleet::new(&config, resolver, client.clone()),
+            pending: Pending::new(metrics.pending.clone(), config.limits.max_pending),
+            fleet: Fleet::new(&config.fleet, resolver, client.clone()),
             client,
             tokens: TokenEstimate::new(metrics.bytes_per_token.clone()),
             metrics,
@@ -111,7 +111,7 @@ impl App {
         // answered but not kept, so the routing decided later stands.
         static PLAIN: Ids = Ids::local();
         debug_assert!(
-            self.config.cluster_key.is_none() || self.ids.get().is_some(),
+            self.config.security.cluster_key.is_none() || self.ids.get().is_some(),
             "with a cluster key, ids are decided by set_routing (serve) before any is made"
         );
         self.ids.get().unwrap_or(&PLAIN)
@@ -126,7 +126,7 @@ impl App {
         if self.ids.get().is_some() {
             return Ok(());
         }
-        let ids = match &self.config.cluster_key {
+        let ids = match &self.config.security.cluster_key {
             None => Ids::local(),
             Some(key) => {
                 let reachable = |ip: IpAddr| !ip.is_unspecified() && !ip.is_multicast();
@@ -139,6 +139,7 @@ impl App {
                 // POD_IP goes first then (loopback stays for one host).
                 let me = self
                     .config
+                    .telemetry
                     .advertise_telemetry
                     .or(bound.filter(|b| !b.ip().is_loopback()))
                     .or(pod)
@@ -179,11 +180,11 @@ impl App {
             let endpoint = loop {
                 match self.fleet.prefillers.pick(&[]) {
                     Some(pick) if !pick.panic => break pick.endpoint,
-                    _ => tokio::time::sleep(self.config.health_interval).await,
+                    _ => tokio::time::sleep(self.config.fleet.health_interval).await,
                 }
             };
-            let auth = self.config.upstream_auth.as_ref();
-            let limit = self.config.health_timeout.max(Duration::from_secs(5));
+            let auth = self.config.fleet.upstream_auth.as_ref();
+            let limit = self.config.fleet.health_timeout.max(Duration::from_secs(5));
             match self
                 .tokens
                 .calibrate(&self.client, &endpoint, auth, limit)

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(config.log_format);
+    init_logging(config.tracing.log_format);
     for id in on_command_line {
         let flag = id.replace('_', "-");
         let env = format!("PD_PROXY_{}", id.to_ascii_uppercase());
@@ -114,17 +114,17 @@ async fn run(
     cap_given: bool,
 ) -> Result<(), Failure> {
     let fd_limit = pd_proxy::limits::raise_fd_limit();
-    let cap = pd_proxy::server::connection_cap(config.max_connections, fd_limit);
-    if cap < config.max_connections {
+    let cap = pd_proxy::server::connection_cap(config.limits.max_connections, fd_limit);
+    if cap < config.limits.max_connections {
         if cap_given {
             tracing::warn!(
                 fd_limit,
-                wanted = config.max_connections,
+                wanted = config.limits.max_connections,
                 carried = cap,
                 "the open-file limit may not carry --max-connections at three descriptors a connection"
             );
         } else {
-            config.max_connections = cap;
+            config.limits.max_connections = cap;
         }
     }
     let public = pd_proxy::bind(&addrs.host, addrs.port)
@@ -133,7 +133,7 @@ async fn run(
     let telemetry = pd_proxy::bind(&addrs.telemetry_host, addrs.telemetry_port)
         .await
         .map_err(Failure::Run)?;
-    let metrics = match config.metrics_port {
+    let metrics = match config.server.metrics_port {
         Some(port) => Some(
             pd_proxy::bind(&addrs.host, port)
                 .await
@@ -145,10 +145,10 @@ async fn run(
         .into_iter()
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Failure::Run(e.to_string()))?;
-    pd_proxy::fleet::check_not_self(&config, &own, &pd_proxy::fleet::SystemResolver)
+    pd_proxy::fleet::check_not_self(&config.fleet, &own, &pd_proxy::fleet::SystemResolver)
         .await
         .map_err(Failure::Config)?;
-    if config.telemetry_token.is_none() && !own[1].ip().is_loopback() {
+    if config.security.telemetry_token.is_none() && !own[1].ip().is_loopback() {
         tracing::warn!(
             telemetry = %own[1],
             "the telemetry port is reachable from other hosts and takes events from anyone: set PD_PROXY_TELEMETRY_TOKEN (and ?token= in LMCACHE_REQUEST_TELEMETRY_ENDPOINT)"
@@ -158,10 +158,10 @@ async fn run(
         api = %own[0],
         telemetry = %own[1],
         metrics = ?metrics.as_ref().and_then(|l| l.local_addr().ok()),
-        prefillers = ?config.prefillers.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        decoders = ?config.decoders.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        prefillers = ?config.fleet.prefillers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        decoders = ?config.fleet.decoders.iter().map(ToString::to_string).collect::<Vec<_>>(),
         fd_limit,
-        max_connections = config.max_connections,
+        max_connections = config.limits.max_connections,
         "pd-proxy listening"
     );
     let app = App::new(config);

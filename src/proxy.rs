@@ -123,10 +123,10 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
 /// unless the proxy checks client keys (`--api-key`): then the client's
 /// key is the proxy's credential and never leaves it.
 fn upstream_auth(app: &App, headers: &HeaderMap) -> Option<HeaderValue> {
-    if let Some(key) = &app.config.upstream_auth {
+    if let Some(key) = &app.config.fleet.upstream_auth {
         return Some(key.clone());
     }
-    if !app.config.api_keys.is_empty() {
+    if !app.config.security.api_keys.is_empty() {
         return None;
     }
     let value = headers.get(header::AUTHORIZATION)?;
@@ -223,7 +223,7 @@ async fn run(
             return Err(ProxyError::Overloaded {
                 message: format!(
                     "{} requests are already waiting for their KV cache (--max-pending); try again shortly",
-                    app.config.max_pending
+                    app.config.limits.max_pending
                 ),
                 retry_after: 1,
             });
@@ -255,7 +255,7 @@ struct Parsed {
 
 fn parse(app: &App, api: Api, raw: &[u8]) -> Result<Parsed, ProxyError> {
     let request = ClientRequest::parse(api, raw)?;
-    let threshold = app.config.direct_below_tokens;
+    let threshold = app.config.fleet.direct_below_tokens;
     let route = if threshold > 0 && app.tokens.tokens(&request.size) < u64::from(threshold) {
         Route::Direct
     } else {
@@ -283,7 +283,7 @@ async fn read_body(
     body: Body,
     content_length: Option<u64>,
 ) -> Result<(Bytes, BodyBudget), ProxyError> {
-    let limit = app.config.max_body_bytes;
+    let limit = app.config.limits.max_body_bytes;
     if content_length.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::PayloadTooLarge { limit });
     }
@@ -308,14 +308,14 @@ async fn read_body(
         }
         Ok(())
     };
-    match timeout(app.config.body_timeout, read).await {
+    match timeout(app.config.limits.body_timeout, read).await {
         Ok(Ok(())) => Ok((buf.freeze(), budget)),
         Ok(Err(e)) => Err(e),
         Err(_) => {
             app.metrics.guards.timeout(TimeoutKind::Body);
             Err(ProxyError::RequestTimeout(format!(
                 "the request body did not arrive within {:.1}s (--body-timeout)",
-                app.config.body_timeout.as_secs_f64()
+                app.config.limits.body_timeout.as_secs_f64()
             )))
         }
     }
@@ -467,7 +467,7 @@ async fn prefill(
 ) -> Result<Option<Response>, ProxyError> {
     let started = Instant::now();
     let (mut span, traceparent) = log.trace.leg("prefill");
-    let deadline = tokio::time::Instant::now() + app.config.upstream_timeout;
+    let deadline = tokio::time::Instant::now() + app.config.fleet.upstream_timeout;
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     let mut last_error = None;
     let (prefiller, status, headers, answer) = loop {
@@ -480,7 +480,7 @@ async fn prefill(
             last_error.take(),
         )?;
         tried.push(Arc::clone(&prefiller));
-        let retries_left = tried.len() <= app.config.prefill_retries as usize;
+        let retries_left = tried.len() <= app.config.fleet.prefill_retries as usize;
         let mut req = upstream::post_json(
             uri(&prefiller, ask.api),
             body.clone(),
@@ -518,7 +518,7 @@ async fn prefill(
                 app.metrics.upstream_error(Leg::Prefill);
                 return Err(ProxyError::UpstreamTimeout {
                     leg: Leg::Prefill,
-                    secs: app.config.upstream_timeout.as_secs_f64(),
+                    secs: app.config.fleet.upstream_timeout.as_secs_f64(),
                 });
             }
             Ok(Ok((status, headers, answer))) => {
@@ -568,7 +568,7 @@ async fn prefill(
     if status.is_success() {
         // The engine's exact count teaches the length estimate; only
         // worth a parse when the estimate is in use.
-        if app.config.direct_below_tokens > 0 {
+        if app.config.fleet.direct_below_tokens > 0 {
             if let Some(tokens) = crate::tokens::prompt_tokens(&answer) {
                 app.tokens.learn(&size, tokens);
             }
@@ -603,7 +603,7 @@ async fn await_kv(
 ) -> Result<(), ProxyError> {
     let started = Instant::now();
     let mut span = log.trace.phase("kv_wait");
-    let ready = timeout(app.config.kv_ready_timeout, kv_ready).await;
+    let ready = timeout(app.config.telemetry.kv_ready_timeout, kv_ready).await;
     // Asked before the guard gives the entry up.
     let report = app.pending.report(id);
     drop(guard);
@@ -620,9 +620,9 @@ async fn await_kv(
         return Ok(());
     }
     app.metrics.kv_timeouts.increment(1);
-    let secs = app.config.kv_ready_timeout.as_secs_f64();
+    let secs = app.config.telemetry.kv_ready_timeout.as_secs_f64();
     let reason = kv_missing_reason(app, report.refused);
-    match app.config.on_kv_timeout {
+    match app.config.telemetry.on_kv_timeout {
         KvTimeoutPolicy::Decode => {
             tracing::warn!(
                 secs,
@@ -674,7 +674,7 @@ async fn decode(
 ) -> Result<DecoderAnswer, ProxyError> {
     let started = Instant::now();
     let (mut span, traceparent) = log.trace.leg("decode");
-    let deadline = tokio::time::Instant::now() + app.config.upstream_timeout;
+    let deadline = tokio::time::Instant::now() + app.config.fleet.upstream_timeout;
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     let mut last_error = None;
     let (response, in_flight, tried_at) = loop {
@@ -705,7 +705,7 @@ async fn decode(
                 app.metrics.upstream_error(Leg::Decode);
                 return Err(ProxyError::UpstreamTimeout {
                     leg: Leg::Decode,
-                    secs: app.config.upstream_timeout.as_secs_f64(),
+                    secs: app.config.fleet.upstream_timeout.as_secs_f64(),
                 });
             }
             Ok(Err(err)) => {
@@ -838,7 +838,7 @@ async fn bounded<T>(
     endpoint: &Endpoint,
     call: impl std::future::Future<Output = Result<T, String>>,
 ) -> Result<T, ProxyError> {
-    match timeout(app.config.upstream_timeout, call).await {
+    match timeout(app.config.fleet.upstream_timeout, call).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(detail)) => {
             app.metrics.upstream_error(leg);
@@ -851,7 +851,7 @@ async fn bounded<T>(
             app.metrics.upstream_error(leg);
             Err(ProxyError::UpstreamTimeout {
                 leg,
-                secs: app.config.upstream_timeout.as_secs_f64(),
+                secs: app.config.fleet.upstream_timeout.as_secs_f64(),
             })
         }
     }
@@ -999,7 +999,7 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
         }
         None
     };
-    match timeout(app.config.upstream_timeout, first_ok).await {
+    match timeout(app.config.fleet.upstream_timeout, first_ok).await {
         Ok(Some(response)) => response,
         Ok(None) => ProxyError::Upstream {
             leg: Leg::Models,
@@ -1010,7 +1010,7 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
             app.metrics.upstream_error(Leg::Models);
             ProxyError::UpstreamTimeout {
                 leg: Leg::Models,
-                secs: app.config.upstream_timeout.as_secs_f64(),
+                secs: app.config.fleet.upstream_timeout.as_secs_f64(),
             }
             .into_response()
         }
@@ -1411,7 +1411,7 @@ impl RelayBody {
         // `--upstream-timeout` in `relay`: a request queued in the engine
         // may take long to start, and that is not a stall.
         if let Some(since) = self.last_frame {
-            let limit = app.config.stream_idle_timeout;
+            let limit = app.config.limits.stream_idle_timeout;
             let deadline = tokio::time::Instant::from_std(since + limit);
             let idle = match &mut self.idle {
                 Some(sleep) => {

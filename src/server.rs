@@ -33,7 +33,7 @@ use crate::{proxy, telemetry};
 /// With `--api-key`, every path but `/health` and `/ready` needs a key,
 /// unknown ones included (401 before 404: no key, no map of the routes).
 pub fn public_router(app: Arc<App>) -> Router {
-    let keys = crate::auth::ApiKeys::new(&app.config.api_keys, Arc::clone(&app.metrics));
+    let keys = crate::auth::ApiKeys::new(&app.config.security.api_keys, Arc::clone(&app.metrics));
     let router = Router::new()
         .route("/v1/chat/completions", post(proxy::chat))
         .route("/v1/completions", post(proxy::completions))
@@ -219,7 +219,7 @@ pub async fn serve(
         .map_err(io::Error::other)?;
     let forward = app.take_forward_task().map(tokio::spawn);
     let fleet = tokio::spawn(Arc::clone(&app.fleet).run());
-    let calibration = (app.config.direct_below_tokens > 0)
+    let calibration = (app.config.fleet.direct_below_tokens > 0)
         .then(|| tokio::spawn(Arc::clone(&app).calibrate_tokens()));
     let upkeep = {
         let metrics = Arc::clone(&app.metrics);
@@ -236,7 +236,7 @@ pub async fn serve(
     let (kill, kill_rx) = watch::channel(false);
     let metrics = Arc::clone(&app.metrics);
     let api_slots = Slots::new(
-        app.config.max_connections,
+        app.config.limits.max_connections,
         MetricPort::Api,
         Arc::clone(&metrics),
     );
@@ -282,11 +282,11 @@ pub async fn serve(
         return Err(e);
     }
     tracing::info!(
-        drain_secs = app.config.drain_timeout.as_secs_f64(),
+        drain_secs = app.config.server.drain_timeout.as_secs_f64(),
         "shutting down: no new API connections; draining requests (the telemetry port stays open while any is parked)"
     );
     let _ = stop_api.send(true);
-    let deadline = tokio::time::sleep(app.config.drain_timeout);
+    let deadline = tokio::time::sleep(app.config.server.drain_timeout);
     let forced = tokio::select! {
         () = api_slots.all_closed() => None,
         () = deadline => Some(false),
@@ -361,13 +361,13 @@ struct Port {
 
 impl Port {
     fn new(wire: Wire, app: &App, slots: Arc<Slots>) -> Self {
-        let idle = app.config.idle_timeout;
+        let idle = app.config.limits.idle_timeout;
         Port {
             wire,
             slots,
             builders: Arc::new(Builders::new(idle)),
             metrics: Arc::clone(&app.metrics),
-            send_timeout: app.config.send_timeout,
+            send_timeout: app.config.limits.send_timeout,
             idle_timeout: idle,
         }
     }

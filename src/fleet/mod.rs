@@ -31,7 +31,7 @@ pub use balance::{Pick, RoleSet};
 pub use discovery::{is_own_address, Resolve, SystemResolver};
 pub use endpoint::{Clock, Endpoint, InFlight, Role};
 
-use crate::config::{Config, Target};
+use crate::config::{FleetConfig, Target};
 use crate::upstream::{self, HttpClient};
 
 /// A DNS answer larger than this is cut: every endpoint costs a health
@@ -82,7 +82,7 @@ pub struct Fleet {
 impl Fleet {
     /// The fleet as far as it is known without DNS: IP addresses are
     /// endpoints at once, names wait for the first discovery round.
-    pub fn new(config: &Config, resolver: Arc<dyn Resolve>, client: HttpClient) -> Arc<Self> {
+    pub fn new(config: &FleetConfig, resolver: Arc<dyn Resolve>, client: HttpClient) -> Arc<Self> {
         let clock = Clock::new();
         let literal = |targets: &[Target]| -> Vec<Vec<IpAddr>> {
             targets
@@ -505,7 +505,7 @@ type Family = (
 /// it runs out of file descriptors. A name that does not resolve yet is
 /// left to discovery (pods may start after the proxy).
 pub async fn check_not_self(
-    config: &Config,
+    config: &FleetConfig,
     own: &[SocketAddr],
     resolver: &dyn Resolve,
 ) -> Result<(), String> {
