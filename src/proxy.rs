@@ -36,6 +36,7 @@ use crate::fleet::{Endpoint, InFlight, Role};
 use crate::metrics::{Route, TimeoutKind};
 use crate::openai::{Api, ClientRequest};
 use crate::pending::{ParkedGuard, RequestId};
+use crate::shutdown::Stage;
 use crate::tokens::PromptSize;
 use crate::trace::{Finish, Trace, TraceParent, TRACEPARENT};
 use crate::upstream;
@@ -101,7 +102,7 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
     let work = run(&app, ask, named, body, content_length, &mut log).instrument(span);
     let result = tokio::select! {
         result = work => result,
-        () = app.cut.cancelled() => Err(ProxyError::Overloaded {
+        () = app.shutdown.reached(Stage::Cut) => Err(ProxyError::Overloaded {
             message: "the proxy is shutting down and its drain time is up; send the request again".into(),
             retry_after: 1,
         }),
@@ -1430,7 +1431,7 @@ impl RelayBody {
         }
         let cut = self
             .cut
-            .get_or_insert_with(|| Box::pin(app.cut.clone().cancelled_owned()));
+            .get_or_insert_with(|| Box::pin(app.shutdown.reached_owned(Stage::Cut)));
         if cut.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Cut::Drain);
         }
