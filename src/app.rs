@@ -2,14 +2,13 @@
 //! request path and the telemetry endpoint all point down to it and not at
 //! each other.
 
-use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::fleet::{Fleet, Resolve, SystemResolver};
@@ -17,6 +16,7 @@ use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::owner::Ids;
 use crate::pending::Pending;
+use crate::shutdown::Shutdown;
 use crate::tokens::TokenEstimate;
 use crate::upstream::{self, HttpClient};
 
@@ -28,20 +28,18 @@ pub struct App {
     pub fleet: Arc<Fleet>,
     /// The prompt-length guess of `--direct-below-tokens`.
     pub tokens: TokenEstimate,
-    /// How ids are made and read; set once the telemetry listener's
-    /// address is known ([`App::set_routing`]).
-    ids: OnceLock<Ids>,
-    /// Sends events for other replicas' ids on to them.
+    /// How ids are made and read, decided from where the telemetry
+    /// listener is bound.
+    ids: Ids,
+    /// Sends events for other replicas' ids on to them; `serve` runs its
+    /// queue.
     pub forwarder: Forwarder,
-    /// The forwarder's sending task, spawned by `serve`.
-    forward_task: Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
     /// Completions requests in progress, from their arrival to the last
     /// byte of their answer: what a shutdown drain waits for.
     pub requests: AtomicUsize,
-    /// Cancelled when the drain's time is up: every request still running
-    /// ends with an error its client can see (an SSE error event, a 503)
-    /// rather than a connection closed mid-answer.
-    pub cut: CancellationToken,
+    /// How far a shutdown has got: `serve` begins its stages, the request
+    /// path waits for [`crate::shutdown::Stage::Cut`].
+    pub shutdown: Shutdown,
     /// Request bodies held in memory at once, in KiB, across all requests:
     /// [`App::BODY_BUDGET_BODIES`] bodies at `--max-body-bytes`.
     pub body_budget: Arc<tokio::sync::Semaphore>,
@@ -49,55 +47,83 @@ pub struct App {
     pub tracing: Option<Arc<crate::trace::Tracing>>,
 }
 
-impl App {
-    /// Upstream names resolve through the system's resolver.
-    pub fn new(config: Config) -> Arc<Self> {
-        App::with_resolver(config, Arc::new(SystemResolver))
+/// Where this replica listens, known once its listeners are bound: what
+/// the `App` must know about itself before it is made.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub public: SocketAddr,
+    pub telemetry: SocketAddr,
+    /// The downward API's `POD_IP`: the address ids name when the
+    /// telemetry listener's own names none that others can reach.
+    pub pod_ip: Option<String>,
+}
+
+impl Bound {
+    /// The listeners' addresses, with `POD_IP` from the environment.
+    pub fn new(public: &TcpListener, telemetry: &TcpListener) -> io::Result<Self> {
+        Ok(Bound {
+            public: public.local_addr()?,
+            telemetry: telemetry.local_addr()?,
+            pod_ip: std::env::var("POD_IP").ok(),
+        })
     }
 
-    /// For tests and embedders that decide what names resolve to.
-    pub fn with_resolver(config: Config, resolver: Arc<dyn Resolve>) -> Arc<Self> {
+    /// The addresses an upstream must not be: requests sent there would
+    /// come back to this proxy.
+    pub fn own(&self) -> [SocketAddr; 2] {
+        [self.public, self.telemetry]
+    }
+}
+
+impl App {
+    /// Upstream names resolve through the system's resolver.
+    pub fn build(config: Config, bound: &Bound) -> Result<Arc<Self>, String> {
+        App::build_with_resolver(config, bound, Arc::new(SystemResolver))
+    }
+
+    /// For tests and embedders that decide what names resolve to. Fails
+    /// when owner-routed ids have no address to name.
+    pub fn build_with_resolver(
+        config: Config,
+        bound: &Bound,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Arc<Self>, String> {
+        let ids = ids(&config, bound)?;
         let metrics = Metrics::new();
-        let max_body_bytes = config.max_body_bytes;
         let client = upstream::client();
-        let (forwarder, forward_task) = Forwarder::new(client.clone(), Arc::clone(&metrics));
-        let tracing = config.otlp_endpoint.as_ref().and_then(|endpoint| {
+        let forwarder = Forwarder::new(client.clone(), Arc::clone(&metrics));
+        let tracing = config.tracing.otlp_endpoint.as_ref().and_then(|endpoint| {
             crate::trace::Tracing::start(
                 endpoint,
-                config.otlp_timeout,
+                config.tracing.otlp_timeout,
                 metrics.trace_spans_dropped.clone(),
             )
             .inspect_err(|e| tracing::error!(error = %e, "traces are off"))
             .ok()
         });
-        Arc::new(App {
-            ids: OnceLock::new(),
+        let body_budget_kib = config
+            .limits
+            .max_body_bytes
+            .saturating_mul(App::BODY_BUDGET_BODIES)
+            .div_ceil(1024);
+        Ok(Arc::new(App {
+            ids,
             forwarder,
-            forward_task: Mutex::new(Some(Box::pin(forward_task))),
-            pending: Pending::new(metrics.pending.clone(), config.max_pending),
-            fleet: Fleet::new(&config, resolver, client.clone()),
+            pending: Pending::new(metrics.pending.clone(), config.limits.max_pending),
+            fleet: Fleet::new(&config.fleet, &bound.own(), resolver, client.clone()),
             client,
             tokens: TokenEstimate::new(metrics.bytes_per_token.clone()),
             metrics,
             config,
             requests: AtomicUsize::new(0),
-            cut: CancellationToken::new(),
+            shutdown: Shutdown::default(),
             tracing,
             body_budget: Arc::new(tokio::sync::Semaphore::new(
-                (config_body_budget_kib(max_body_bytes)).min(tokio::sync::Semaphore::MAX_PERMITS),
+                body_budget_kib.min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
-        })
+        }))
     }
-}
 
-/// The body budget in KiB for `--max-body-bytes`.
-fn config_body_budget_kib(max_body_bytes: usize) -> usize {
-    max_body_bytes
-        .saturating_mul(App::BODY_BUDGET_BODIES)
-        .div_ceil(1024)
-}
-
-impl App {
     /// Bodies at the size limit that may be held at once. Each costs about
     /// twice its size (the body and its prefill copy), so with the default
     /// limit (32 MiB) all of them together stay within the sidecar's
@@ -107,62 +133,41 @@ impl App {
     /// Ids as this replica makes them: owner-routed with a cluster key,
     /// plain without.
     pub fn ids(&self) -> &Ids {
-        // Before `set_routing` (nothing is served yet) the plain form is
-        // answered but not kept, so the routing decided later stands.
-        static PLAIN: Ids = Ids::local();
-        debug_assert!(
-            self.config.cluster_key.is_none() || self.ids.get().is_some(),
-            "with a cluster key, ids are decided by set_routing (serve) before any is made"
-        );
-        self.ids.get().unwrap_or(&PLAIN)
+        &self.ids
     }
+}
 
-    /// Decides this replica's ids once its telemetry listener is bound at
-    /// `telemetry`: with a cluster key they name `--advertise-telemetry`,
-    /// else the listener's address when concrete, else `pod_ip` (the
-    /// downward API's `POD_IP`) with the listener's port. The first call
-    /// decides.
-    pub fn set_routing(&self, telemetry: SocketAddr, pod_ip: Option<&str>) -> Result<(), String> {
-        if self.ids.get().is_some() {
-            return Ok(());
-        }
-        let ids = match &self.config.cluster_key {
-            None => Ids::local(),
-            Some(key) => {
-                let reachable = |ip: IpAddr| !ip.is_unspecified() && !ip.is_multicast();
-                let bound = reachable(telemetry.ip()).then_some(telemetry);
-                let pod = pod_ip
-                    .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
-                    .filter(|ip| reachable(*ip) && !ip.is_loopback())
-                    .map(|ip| SocketAddr::new(ip, telemetry.port()));
-                // A loopback bind names no address another host can use:
-                // POD_IP goes first then (loopback stays for one host).
-                let me = self
-                    .config
-                    .advertise_telemetry
-                    .or(bound.filter(|b| !b.ip().is_loopback()))
-                    .or(pod)
-                    .or(bound)
-                    .ok_or_else(|| {
-                        format!(
-                            "with a cluster key, ids must name an address where this replica's telemetry listener ({telemetry}) is reachable: set --advertise-telemetry IP:PORT or POD_IP"
-                        )
-                    })?;
-                tracing::info!(advertise = %me, "owner-routed ids: telemetry for this replica's requests is forwarded to it");
-                Ids::routed(key, me)?
-            }
-        };
-        let _ = self.ids.set(ids);
-        Ok(())
-    }
-
-    /// The forwarder's task, once: `serve` runs it.
-    pub fn take_forward_task(&self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
-        self.forward_task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-    }
+/// This replica's ids: with a cluster key they name `--advertise-telemetry`,
+/// else the telemetry listener's address when concrete, else `POD_IP` with
+/// the listener's port.
+fn ids(config: &Config, bound: &Bound) -> Result<Ids, String> {
+    let Some(key) = &config.security.cluster_key else {
+        return Ok(Ids::local());
+    };
+    let telemetry = bound.telemetry;
+    let reachable = |ip: IpAddr| !ip.is_unspecified() && !ip.is_multicast();
+    let concrete = reachable(telemetry.ip()).then_some(telemetry);
+    let pod = bound
+        .pod_ip
+        .as_deref()
+        .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
+        .filter(|ip| reachable(*ip) && !ip.is_loopback())
+        .map(|ip| SocketAddr::new(ip, telemetry.port()));
+    // A loopback bind names no address another host can use: POD_IP goes
+    // first then (loopback stays for one host).
+    let me = config
+        .telemetry
+        .advertise_telemetry
+        .or(concrete.filter(|b| !b.ip().is_loopback()))
+        .or(pod)
+        .or(concrete)
+        .ok_or_else(|| {
+            format!(
+                "with a cluster key, ids must name an address where this replica's telemetry listener ({telemetry}) is reachable: set --advertise-telemetry IP:PORT or POD_IP"
+            )
+        })?;
+    tracing::info!(advertise = %me, "owner-routed ids: telemetry for this replica's requests is forwarded to it");
+    Ids::routed(key, me)
 }
 
 /// Tries to calibrate the prompt-length estimate this many times, this far
@@ -179,11 +184,11 @@ impl App {
             let endpoint = loop {
                 match self.fleet.prefillers.pick(&[]) {
                     Some(pick) if !pick.panic => break pick.endpoint,
-                    _ => tokio::time::sleep(self.config.health_interval).await,
+                    _ => tokio::time::sleep(self.config.fleet.health_interval).await,
                 }
             };
-            let auth = self.config.upstream_auth.as_ref();
-            let limit = self.config.health_timeout.max(Duration::from_secs(5));
+            let auth = self.config.fleet.upstream_auth.as_ref();
+            let limit = self.config.fleet.health_timeout.max(Duration::from_secs(5));
             match self
                 .tokens
                 .calibrate(&self.client, &endpoint, auth, limit)

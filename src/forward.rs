@@ -53,6 +53,9 @@ pub struct Job {
 
 pub struct Forwarder {
     queue: mpsc::Sender<Job>,
+    /// The queue's far end, drained by [`Forwarder::run`] while `serve`
+    /// runs it; the lock keeps it to one drainer.
+    jobs: tokio::sync::Mutex<mpsc::Receiver<Job>>,
     metrics: Arc<Metrics>,
     client: HttpClient,
     /// Forwards in flight; a job that finds one free is sent at once from
@@ -63,28 +66,39 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// The forwarder and the task that sends the jobs that had to queue;
-    /// the task ends when the forwarder is dropped.
-    pub fn new(
-        client: HttpClient,
-        metrics: Arc<Metrics>,
-    ) -> (Self, impl std::future::Future<Output = ()>) {
+    /// The forwarder; the jobs that have to queue wait for
+    /// [`Forwarder::run`].
+    pub fn new(client: HttpClient, metrics: Arc<Metrics>) -> Self {
         let (queue, jobs) = mpsc::channel(QUEUE);
-        let forwarder = Forwarder {
+        Forwarder {
             queue,
+            jobs: tokio::sync::Mutex::new(jobs),
             metrics,
             client,
             permits: Arc::new(Semaphore::new(IN_FLIGHT)),
             queued: Arc::new(AtomicUsize::new(0)),
-        };
-        let task = run(
-            jobs,
-            forwarder.client.clone(),
-            Arc::clone(&forwarder.metrics),
-            Arc::clone(&forwarder.permits),
-            Arc::clone(&forwarder.queued),
-        );
-        (forwarder, task)
+        }
+    }
+
+    /// Sends the jobs that had to queue, as forward slots free up, until
+    /// the task running it is dropped. A second run waits for the first.
+    pub async fn run(&self) {
+        let mut jobs = self.jobs.lock().await;
+        while let Some(job) = jobs.recv().await {
+            let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
+                return;
+            };
+            // A job that waited past the forward timeout is worth nothing
+            // to its owner any more; sending it would only delay fresher
+            // ones.
+            if job.received.elapsed() > TIMEOUT {
+                self.queued.fetch_sub(job.body.len(), Ordering::Relaxed);
+                self.metrics
+                    .forwarded(ForwardOutcome::QueueFull, job.ids as u64);
+                continue;
+            }
+            self.spawn_delivery(permit, job);
+        }
     }
 
     /// Sends a job now if a forward slot is free (no hop through the
@@ -97,13 +111,7 @@ impl Forwarder {
             return self.metrics.forwarded(ForwardOutcome::QueueFull, ids);
         }
         if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
-            spawn_delivery(
-                self.client.clone(),
-                Arc::clone(&self.metrics),
-                Arc::clone(&self.queued),
-                permit,
-                job,
-            );
+            self.spawn_delivery(permit, job);
             return;
         }
         if self.queue.try_send(job).is_err() {
@@ -111,48 +119,20 @@ impl Forwarder {
             self.metrics.forwarded(ForwardOutcome::QueueFull, ids);
         }
     }
-}
 
-fn spawn_delivery(
-    client: HttpClient,
-    metrics: Arc<Metrics>,
-    queued: Arc<AtomicUsize>,
-    permit: OwnedSemaphorePermit,
-    job: Job,
-) {
-    tokio::spawn(async move {
-        let bytes = job.body.len();
-        deliver(&client, &metrics, job).await;
-        queued.fetch_sub(bytes, Ordering::Relaxed);
-        drop(permit);
-    });
-}
-
-async fn run(
-    mut jobs: mpsc::Receiver<Job>,
-    client: HttpClient,
-    metrics: Arc<Metrics>,
-    permits: Arc<Semaphore>,
-    queued: Arc<AtomicUsize>,
-) {
-    while let Some(job) = jobs.recv().await {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        // A job that waited past the forward timeout is worth nothing to
-        // its owner any more; sending it would only delay fresher ones.
-        if job.received.elapsed() > TIMEOUT {
-            queued.fetch_sub(job.body.len(), Ordering::Relaxed);
-            metrics.forwarded(ForwardOutcome::QueueFull, job.ids as u64);
-            continue;
-        }
-        spawn_delivery(
-            client.clone(),
-            Arc::clone(&metrics),
-            Arc::clone(&queued),
-            permit,
-            job,
+    /// Sends `job` on a task of its own, holding `permit` until done.
+    fn spawn_delivery(&self, permit: OwnedSemaphorePermit, job: Job) {
+        let (client, metrics, queued) = (
+            self.client.clone(),
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.queued),
         );
+        tokio::spawn(async move {
+            let bytes = job.body.len();
+            deliver(&client, &metrics, job).await;
+            queued.fetch_sub(bytes, Ordering::Relaxed);
+            drop(permit);
+        });
     }
 }
 

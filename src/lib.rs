@@ -32,12 +32,13 @@ pub mod owner;
 pub mod pending;
 pub mod proxy;
 pub mod server;
+pub mod shutdown;
 pub mod sim;
 pub mod telemetry;
 pub mod tokens;
 pub mod trace;
 pub mod upstream;
 
-pub use app::App;
+pub use app::{App, Bound};
 pub use config::{Args, Balance, Config, KvTimeoutPolicy, ListenAddrs};
 pub use server::{bind, listen, public_router, serve, telemetry_router, Listeners};

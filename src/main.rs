@@ -33,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(config.log_format);
+    init_logging(config.tracing.log_format);
     for id in on_command_line {
         let flag = id.replace('_', "-");
         let env = format!("PD_PROXY_{}", id.to_ascii_uppercase());
@@ -114,70 +114,48 @@ async fn run(
     cap_given: bool,
 ) -> Result<(), Failure> {
     let fd_limit = pd_proxy::limits::raise_fd_limit();
-    let cap = pd_proxy::server::connection_cap(config.max_connections, fd_limit);
-    if cap < config.max_connections {
+    let wanted = config.limits.max_connections;
+    let cap = pd_proxy::server::connection_cap(wanted, fd_limit);
+    if cap < wanted {
         if cap_given {
             tracing::warn!(
                 fd_limit,
-                wanted = config.max_connections,
+                wanted,
                 carried = cap,
                 "the open-file limit may not carry --max-connections at three descriptors a connection"
             );
         } else {
-            config.max_connections = cap;
+            config.limits.max_connections = cap;
         }
     }
-    let public = pd_proxy::bind(&addrs.host, addrs.port)
-        .await
-        .map_err(Failure::Run)?;
-    let telemetry = pd_proxy::bind(&addrs.telemetry_host, addrs.telemetry_port)
-        .await
-        .map_err(Failure::Run)?;
-    let metrics = match config.metrics_port {
-        Some(port) => Some(
-            pd_proxy::bind(&addrs.host, port)
-                .await
-                .map_err(Failure::Run)?,
-        ),
-        None => None,
-    };
-    let own = [public.local_addr(), telemetry.local_addr()]
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Failure::Run(e.to_string()))?;
-    pd_proxy::fleet::check_not_self(&config, &own, &pd_proxy::fleet::SystemResolver)
-        .await
-        .map_err(Failure::Config)?;
-    if config.telemetry_token.is_none() && !own[1].ip().is_loopback() {
+    let listeners = bind_all(&addrs, config.server.metrics_port).await?;
+    let bound = listeners.bound().map_err(|e| Failure::Run(e.to_string()))?;
+    pd_proxy::fleet::check_not_self(
+        &config.fleet,
+        &bound.own(),
+        &pd_proxy::fleet::SystemResolver,
+    )
+    .await
+    .map_err(Failure::Config)?;
+    if config.security.telemetry_token.is_none() && !bound.telemetry.ip().is_loopback() {
         tracing::warn!(
-            telemetry = %own[1],
+            telemetry = %bound.telemetry,
             "the telemetry port is reachable from other hosts and takes events from anyone: set PD_PROXY_TELEMETRY_TOKEN (and ?token= in LMCACHE_REQUEST_TELEMETRY_ENDPOINT)"
         );
     }
     tracing::info!(
-        api = %own[0],
-        telemetry = %own[1],
-        metrics = ?metrics.as_ref().and_then(|l| l.local_addr().ok()),
-        prefillers = ?config.prefillers.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        decoders = ?config.decoders.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        api = %bound.public,
+        telemetry = %bound.telemetry,
+        metrics = ?listeners.metrics.as_ref().and_then(|l| l.local_addr().ok()),
+        prefillers = ?config.fleet.prefillers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        decoders = ?config.fleet.decoders.iter().map(ToString::to_string).collect::<Vec<_>>(),
         fd_limit,
-        max_connections = config.max_connections,
+        max_connections = config.limits.max_connections,
         "pd-proxy listening"
     );
-    let app = App::new(config);
-    app.set_routing(own[1], std::env::var("POD_IP").ok().as_deref())
-        .map_err(Failure::Config)?;
+    let app = App::build(config, &bound).map_err(Failure::Config)?;
     let traces = app.tracing.clone();
-    let served = pd_proxy::serve(
-        Listeners {
-            public,
-            telemetry,
-            metrics,
-        },
-        app,
-        signals(),
-    )
-    .await;
+    let served = pd_proxy::serve(listeners, app, signals()).await;
     // The last spans go to the collector before the process ends, within
     // a bound: a collector that does not answer does not hold the exit.
     if let Some(traces) = traces {
@@ -194,6 +172,30 @@ async fn run(
     }
     tracing::info!("shut down cleanly: every request finished");
     Ok(())
+}
+
+/// The API and telemetry listeners, and the metrics one with
+/// `--metrics-port`, on the API's host.
+async fn bind_all(addrs: &ListenAddrs, metrics_port: Option<u16>) -> Result<Listeners, Failure> {
+    let public = pd_proxy::bind(&addrs.host, addrs.port)
+        .await
+        .map_err(Failure::Run)?;
+    let telemetry = pd_proxy::bind(&addrs.telemetry_host, addrs.telemetry_port)
+        .await
+        .map_err(Failure::Run)?;
+    let metrics = match metrics_port {
+        Some(port) => Some(
+            pd_proxy::bind(&addrs.host, port)
+                .await
+                .map_err(Failure::Run)?,
+        ),
+        None => None,
+    };
+    Ok(Listeners {
+        public,
+        telemetry,
+        metrics,
+    })
 }
 
 /// Longest wait at exit for the last spans to be exported.

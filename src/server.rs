@@ -20,20 +20,22 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::WaitForCancellationFuture;
 
-use crate::app::App;
+use crate::app::{App, Bound};
 use crate::error::ProxyError;
 use crate::limits::{self, Activity, GuardedIo, Slots, Tracked};
 use crate::metrics::{Metrics, Port as MetricPort};
+use crate::shutdown::Stage;
 use crate::{proxy, telemetry};
 
 /// The client-facing router: OpenAI endpoints, health and metrics.
 /// With `--api-key`, every path but `/health` and `/ready` needs a key,
 /// unknown ones included (401 before 404: no key, no map of the routes).
 pub fn public_router(app: Arc<App>) -> Router {
-    let keys = crate::auth::ApiKeys::new(&app.config.api_keys, Arc::clone(&app.metrics));
+    let keys = crate::auth::ApiKeys::new(&app.config.security.api_keys, Arc::clone(&app.metrics));
     let router = Router::new()
         .route("/v1/chat/completions", post(proxy::chat))
         .route("/v1/completions", post(proxy::completions))
@@ -164,6 +166,14 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
+impl Listeners {
+    /// Where they are bound: what [`App::build`] needs, so that the app
+    /// is complete before anything is served.
+    pub fn bound(&self) -> io::Result<Bound> {
+        Bound::new(&self.public, &self.telemetry)
+    }
+}
+
 /// How a shutdown went.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
@@ -202,96 +212,118 @@ pub fn connection_cap(wanted: usize, fd_limit: u64) -> usize {
 /// accepting API connections, lets the running requests finish (the
 /// telemetry port serves on while any is parked) for `--drain-timeout`,
 /// and cuts what is left with an error its client sees. A second item of
-/// `signals` cuts at once.
+/// `signals` cuts at once. The stages are `app.shutdown`'s; `app` is
+/// served once.
 pub async fn serve(
     listeners: Listeners,
     app: Arc<App>,
     signals: impl Stream<Item = ()> + Send + Unpin + 'static,
 ) -> io::Result<Drained> {
     let mut signals = signals;
-    let own: Vec<SocketAddr> = [&listeners.public, &listeners.telemetry]
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
-    app.fleet.set_own_addrs(&own);
-    let telemetry_addr = listeners.telemetry.local_addr()?;
-    app.set_routing(telemetry_addr, std::env::var("POD_IP").ok().as_deref())
-        .map_err(io::Error::other)?;
-    let forward = app.take_forward_task().map(tokio::spawn);
-    let fleet = tokio::spawn(Arc::clone(&app.fleet).run());
-    let calibration = (app.config.direct_below_tokens > 0)
-        .then(|| tokio::spawn(Arc::clone(&app).calibrate_tokens()));
-    let upkeep = {
-        let metrics = Arc::clone(&app.metrics);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Metrics::UPKEEP_EVERY);
-            loop {
-                tick.tick().await;
-                metrics.upkeep();
-            }
-        })
-    };
-    let (stop_api, stop_api_rx) = watch::channel(false);
-    let (stop_telemetry, stop_telemetry_rx) = watch::channel(false);
-    let (kill, kill_rx) = watch::channel(false);
-    let metrics = Arc::clone(&app.metrics);
+    let _kill_on_drop = app.shutdown.kill_on_drop();
+    let mut background = spawn_background(&app);
     let api_slots = Slots::new(
-        app.config.max_connections,
+        app.config.limits.max_connections,
         MetricPort::Api,
-        Arc::clone(&metrics),
+        Arc::clone(&app.metrics),
     );
-    let telemetry_slots = Slots::new(
-        TELEMETRY_CONNECTIONS,
-        MetricPort::Telemetry,
-        Arc::clone(&metrics),
-    );
-    let mut ports = tokio::task::JoinSet::new();
-    ports.spawn(serve_port(
-        listeners.public,
-        public_router(Arc::clone(&app)),
-        Port::new(Wire::Undecided, &app, Arc::clone(&api_slots)),
-        stop_api_rx.clone(),
-        kill_rx.clone(),
-    ));
-    ports.spawn(serve_port(
-        listeners.telemetry,
-        telemetry_router(Arc::clone(&app)),
-        Port::new(Wire::Http1, &app, Arc::clone(&telemetry_slots)),
-        stop_telemetry_rx,
-        kill_rx.clone(),
-    ));
-    if let Some(listener) = listeners.metrics {
-        let slots = Slots::new(METRICS_CONNECTIONS, MetricPort::Metrics, metrics);
-        ports.spawn(serve_port(
-            listener,
-            metrics_router(Arc::clone(&app)),
-            Port::new(Wire::Http1, &app, slots),
-            stop_api_rx,
-            kill_rx,
-        ));
-    }
+    let mut ports = spawn_ports(listeners, &app, Arc::clone(&api_slots));
     // A port that fails ends the proxy; otherwise the first signal does.
     let failed = tokio::select! {
         Some(result) = ports.join_next() => Some(port_result(result)),
         () = signal(&mut signals) => None,
     };
-    let mut drained = Drained::default();
     if let Some(Err(e)) = failed {
-        let _ = kill.send(true);
-        abort_all([&upkeep, &fleet], forward, calibration);
+        app.shutdown.begin(Stage::Kill);
         return Err(e);
     }
+    let drained = drain(&app, &api_slots, &mut signals).await;
+    app.shutdown.begin(Stage::StopTelemetry);
+    app.shutdown.begin(Stage::Kill);
+    while let Some(result) = ports.join_next().await {
+        port_result(result)?;
+    }
+    background.abort_all();
+    Ok(drained)
+}
+
+/// The proxy's own work beside the requests (forwarding, discovery and
+/// health checks, calibration, metrics upkeep), in one set: it ends with
+/// `serve`, which owns it.
+fn spawn_background(app: &Arc<App>) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    let forwarding = Arc::clone(app);
+    tasks.spawn(async move { forwarding.forwarder.run().await });
+    tasks.spawn(Arc::clone(&app.fleet).run());
+    if app.config.fleet.direct_below_tokens > 0 {
+        tasks.spawn(Arc::clone(app).calibrate_tokens());
+    }
+    let metrics = Arc::clone(&app.metrics);
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Metrics::UPKEEP_EVERY);
+        loop {
+            tick.tick().await;
+            metrics.upkeep();
+        }
+    });
+    tasks
+}
+
+/// One accept loop per listener; the API and metrics ports stop at
+/// [`Stage::StopApi`], the telemetry port at [`Stage::StopTelemetry`].
+fn spawn_ports(
+    listeners: Listeners,
+    app: &Arc<App>,
+    api_slots: Arc<Slots>,
+) -> JoinSet<io::Result<()>> {
+    let metrics = Arc::clone(&app.metrics);
+    let telemetry_slots = Slots::new(
+        TELEMETRY_CONNECTIONS,
+        MetricPort::Telemetry,
+        Arc::clone(&metrics),
+    );
+    let mut ports = JoinSet::new();
+    ports.spawn(serve_port(
+        listeners.public,
+        public_router(Arc::clone(app)),
+        Port::new(Wire::Undecided, app, api_slots, Stage::StopApi),
+    ));
+    ports.spawn(serve_port(
+        listeners.telemetry,
+        telemetry_router(Arc::clone(app)),
+        Port::new(Wire::Http1, app, telemetry_slots, Stage::StopTelemetry),
+    ));
+    if let Some(listener) = listeners.metrics {
+        let slots = Slots::new(METRICS_CONNECTIONS, MetricPort::Metrics, metrics);
+        ports.spawn(serve_port(
+            listener,
+            metrics_router(Arc::clone(app)),
+            Port::new(Wire::Http1, app, slots, Stage::StopApi),
+        ));
+    }
+    ports
+}
+
+/// Stops the API port and waits for its connections to close, for
+/// `--drain-timeout` or until a signal; then cuts the requests still
+/// running and gives their error answers a moment to be written.
+async fn drain(
+    app: &App,
+    api_slots: &Slots,
+    signals: &mut (impl Stream<Item = ()> + Unpin),
+) -> Drained {
+    let drain_timeout = app.config.server.drain_timeout;
     tracing::info!(
-        drain_secs = app.config.drain_timeout.as_secs_f64(),
+        drain_secs = drain_timeout.as_secs_f64(),
         "shutting down: no new API connections; draining requests (the telemetry port stays open while any is parked)"
     );
-    let _ = stop_api.send(true);
-    let deadline = tokio::time::sleep(app.config.drain_timeout);
+    app.shutdown.begin(Stage::StopApi);
     let forced = tokio::select! {
         () = api_slots.all_closed() => None,
-        () = deadline => Some(false),
-        () = signal(&mut signals) => Some(true),
+        () = tokio::time::sleep(drain_timeout) => Some(false),
+        () = signal(signals) => Some(true),
     };
+    let mut drained = Drained::default();
     if let Some(forced) = forced {
         let cut = app.requests.load(Ordering::Acquire);
         drained.cut = cut;
@@ -301,7 +333,7 @@ pub async fn serve(
         } else {
             tracing::warn!(cut, "drain timeout passed: cutting the running requests");
         }
-        app.cut.cancel();
+        app.shutdown.begin(Stage::Cut);
         if !forced {
             // Their error answers are written, unless a signal says now.
             let written = async {
@@ -309,17 +341,11 @@ pub async fn serve(
             };
             tokio::select! {
                 () = written => {},
-                () = signal(&mut signals) => {},
+                () = signal(signals) => {},
             }
         }
     }
-    let _ = stop_telemetry.send(true);
-    let _ = kill.send(true);
-    while let Some(result) = ports.join_next().await {
-        port_result(result)?;
-    }
-    abort_all([&upkeep, &fleet], forward, calibration);
-    Ok(drained)
+    drained
 }
 
 /// The next signal; a stream that has ended sends none.
@@ -333,19 +359,6 @@ fn port_result(result: Result<io::Result<()>, tokio::task::JoinError>) -> io::Re
     result.map_err(io::Error::other)?
 }
 
-fn abort_all(
-    tasks: [&tokio::task::JoinHandle<()>; 2],
-    forward: Option<tokio::task::JoinHandle<()>>,
-    calibration: Option<tokio::task::JoinHandle<()>>,
-) {
-    for task in tasks {
-        task.abort();
-    }
-    for task in [forward, calibration].into_iter().flatten() {
-        task.abort();
-    }
-}
-
 /// How one listener serves its connections.
 struct Port {
     /// `Http1` for the telemetry and metrics ports (plain HTTP/1.1, no
@@ -357,19 +370,36 @@ struct Port {
     metrics: Arc<Metrics>,
     send_timeout: Duration,
     idle_timeout: Duration,
+    /// Whose shutdown stops this port.
+    app: Arc<App>,
+    /// The stage at which it stops accepting and asks its connections to
+    /// finish.
+    stop: Stage,
 }
 
 impl Port {
-    fn new(wire: Wire, app: &App, slots: Arc<Slots>) -> Self {
-        let idle = app.config.idle_timeout;
+    fn new(wire: Wire, app: &Arc<App>, slots: Arc<Slots>, stop: Stage) -> Self {
+        let idle = app.config.limits.idle_timeout;
         Port {
             wire,
             slots,
             builders: Arc::new(Builders::new(idle)),
             metrics: Arc::clone(&app.metrics),
-            send_timeout: app.config.send_timeout,
+            send_timeout: app.config.limits.send_timeout,
             idle_timeout: idle,
+            app: Arc::clone(app),
+            stop,
         }
+    }
+
+    /// Ready once this port is to stop.
+    fn stopped(&self) -> WaitForCancellationFuture<'_> {
+        self.app.shutdown.reached(self.stop)
+    }
+
+    /// Ready once its connections are to be dropped.
+    fn killed(&self) -> WaitForCancellationFuture<'_> {
+        self.app.shutdown.reached(Stage::Kill)
     }
 }
 
@@ -377,10 +407,6 @@ impl Port {
 /// this long unanswered: a peer that vanished without a FIN (a pod gone,
 /// a NAT entry dropped) does not hold its slot for ever.
 const H2_KEEPALIVE: Duration = Duration::from_secs(20);
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
-}
 
 /// What an h2c client sends first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -415,16 +441,10 @@ impl Builders {
     }
 }
 
-/// Accepts on `listener` until `stop` turns true; the open connections
-/// are then asked to finish (idle keep-alive ones close at once) until
-/// `kill` turns true, which drops them.
-async fn serve_port(
-    listener: TcpListener,
-    router: Router,
-    port: Port,
-    mut stop: watch::Receiver<bool>,
-    kill: watch::Receiver<bool>,
-) -> io::Result<()> {
+/// Accepts on `listener` until the port's stop stage; the open
+/// connections are then asked to finish (idle keep-alive ones close at
+/// once) until [`Stage::Kill`], which drops them.
+async fn serve_port(listener: TcpListener, router: Router, port: Port) -> io::Result<()> {
     let port = Arc::new(port);
     loop {
         let tcp = tokio::select! {
@@ -435,7 +455,7 @@ async fn serve_port(
                     continue;
                 }
             },
-            () = stopped(&mut stop) => break,
+            () = port.stopped() => break,
         };
         let _ = tcp.set_nodelay(true);
         let Some(slot) = port.slots.take() else {
@@ -444,14 +464,9 @@ async fn serve_port(
             let _ = tcp.try_write(&limits::refusal(port.slots.port));
             continue;
         };
-        let (port, router, stop, kill) = (
-            Arc::clone(&port),
-            router.clone(),
-            stop.clone(),
-            kill.clone(),
-        );
+        let (port, router) = (Arc::clone(&port), router.clone());
         tokio::spawn(async move {
-            serve_connection(tcp, router, &port, stop, kill).await;
+            serve_connection(tcp, router, &port).await;
             drop(slot);
         });
     }
@@ -459,13 +474,7 @@ async fn serve_port(
 }
 
 /// One connection, start to end.
-async fn serve_connection(
-    tcp: TcpStream,
-    router: Router,
-    port: &Port,
-    mut stop: watch::Receiver<bool>,
-    mut kill: watch::Receiver<bool>,
-) {
+async fn serve_connection(tcp: TcpStream, router: Router, port: &Port) {
     let wire = match port.wire {
         Wire::Undecided => tokio::select! {
             wire = tokio::time::timeout(FIRST_BYTES_TIMEOUT.min(port.idle_timeout), sniff(&tcp)) => match wire {
@@ -474,8 +483,8 @@ async fn serve_connection(
                 Ok(None) | Err(_) => return,
             },
             // Nothing was read yet, so nothing is lost by closing.
-            () = stopped(&mut stop) => return,
-            () = stopped(&mut kill) => return,
+            () = port.stopped() => return,
+            () = port.killed() => return,
         },
         wire => wire,
     };
@@ -497,12 +506,12 @@ async fn serve_connection(
     match wire {
         Wire::Http1 => {
             let conn = builders.http1.serve_connection(io, service);
-            drive(conn, &activity, None, stop, kill, |c| c.graceful_shutdown()).await;
+            drive(conn, &activity, None, port, |c| c.graceful_shutdown()).await;
         }
         Wire::H2c => {
             let conn = builders.http2.serve_connection(io, service);
             let idle = Some(port.idle_timeout);
-            Box::pin(drive(conn, &activity, idle, stop, kill, |c| {
+            Box::pin(drive(conn, &activity, idle, port, |c| {
                 c.graceful_shutdown()
             }))
             .await;
@@ -510,7 +519,7 @@ async fn serve_connection(
         Wire::Undecided => {
             let conn = builders.auto.serve_connection(io, service);
             let idle = Some(port.idle_timeout);
-            Box::pin(drive(conn, &activity, idle, stop, kill, |c| {
+            Box::pin(drive(conn, &activity, idle, port, |c| {
                 c.graceful_shutdown()
             }))
             .await;
@@ -518,15 +527,14 @@ async fn serve_connection(
     }
 }
 
-/// Runs a connection until it ends; asks it to finish when `stop` turns
-/// true or, with `idle`, once no request has run on it for that long;
-/// drops it when `kill` does.
+/// Runs a connection until it ends; asks it to finish when its port
+/// stops or, with `idle`, once no request has run on it for that long;
+/// drops it at [`Stage::Kill`].
 async fn drive<C, E>(
     conn: C,
     activity: &Activity,
     idle: Option<Duration>,
-    mut stop: watch::Receiver<bool>,
-    mut kill: watch::Receiver<bool>,
+    port: &Port,
     graceful: impl Fn(Pin<&mut C>),
 ) where
     C: Future<Output = Result<(), E>>,
@@ -541,14 +549,14 @@ async fn drive<C, E>(
     tokio::pin!(idle_close);
     tokio::select! {
         _ = conn.as_mut() => return,
-        () = stopped(&mut kill) => return,
-        () = stopped(&mut stop) => {},
+        () = port.killed() => return,
+        () = port.stopped() => {},
         () = &mut idle_close => {},
     }
     graceful(conn.as_mut());
     tokio::select! {
         _ = conn.as_mut() => {},
-        () = stopped(&mut kill) => {},
+        () = port.killed() => {},
     }
 }
 

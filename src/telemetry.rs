@@ -212,11 +212,11 @@ pub struct Intake {
 
 impl Intake {
     pub fn new(app: Arc<App>) -> Arc<Self> {
-        let token = app.config.telemetry_token.as_deref();
+        let token = app.config.security.telemetry_token.as_deref();
         Arc::new(Intake {
             token: token.map(|t| Secrets::new([t])),
             forward_token: token.map(Arc::from),
-            body_timeout: app.config.body_timeout.min(MAX_EVENT_WAIT),
+            body_timeout: app.config.limits.body_timeout.min(MAX_EVENT_WAIT),
             app,
         })
     }

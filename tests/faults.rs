@@ -577,7 +577,7 @@ async fn a_second_signal_ends_the_drain_at_once() {
     tokio::spawn(Arc::clone(&sim).serve_prefiller(p));
     let mut flags = common::upstream_flags("127.0.0.1", pp, "127.0.0.1", decoder);
     flags.extend(["--drain-timeout", "600"].map(String::from));
-    let app = pd_proxy::App::new(common::config(flags));
+    let app = common::build_app(common::config(flags), &public, &telemetry);
     let (signals_tx, signals_rx) = tokio::sync::mpsc::channel::<()>(2);
     let server = tokio::spawn(pd_proxy::serve(
         pd_proxy::Listeners {
@@ -620,9 +620,11 @@ async fn the_metrics_port_serves_without_a_key() {
     let addr: SocketAddr = metrics.local_addr().unwrap();
     let public = bind().await;
     let telemetry = bind().await;
-    let app = pd_proxy::App::new(common::config(
-        ["--api-key", "sk-test-key-1"].map(String::from).to_vec(),
-    ));
+    let app = common::build_app(
+        common::config(["--api-key", "sk-test-key-1"].map(String::from).to_vec()),
+        &public,
+        &telemetry,
+    );
     let _server = tokio::spawn(pd_proxy::serve(
         pd_proxy::Listeners {
             public,

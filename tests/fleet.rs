@@ -106,7 +106,7 @@ impl Proxy {
         public: TcpListener,
         telemetry: TcpListener,
     ) -> Proxy {
-        let app = App::with_resolver(config(flags), dns);
+        let app = build_app_with_resolver(config(flags), &public, &telemetry, dns);
         let url = format!("http://{}", public.local_addr().unwrap());
         let (stop, _) = serve_app(Arc::clone(&app), public, telemetry);
         Proxy {

@@ -29,7 +29,7 @@ impl Replica {
         let telemetry = bind().await;
         let mut flags = upstream_flags("127.0.0.1", prefill_port, "127.0.0.1", decode_port);
         flags.extend(extra.iter().map(|s| s.to_string()));
-        let app = App::new(config(flags));
+        let app = build_app(config(flags), &public, &telemetry);
         let url = format!("http://{}", public.local_addr().unwrap());
         let telemetry_url = format!(
             "http://{}/api/v1/telemetry",

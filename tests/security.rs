@@ -57,7 +57,7 @@ async fn start(sim: SimConfig, sim_token: Option<&str>, extra: &[&str]) -> Secur
     tokio::spawn(Arc::clone(&decoder).serve_decoder(d));
     let mut flags = upstream_flags("127.0.0.1", pp, "127.0.0.1", dp);
     flags.extend(extra.iter().map(|s| s.to_string()));
-    let app = App::new(config(flags));
+    let app = build_app(config(flags), &public, &telemetry);
     let url = format!("http://{}", public.local_addr().unwrap());
     let (stop, _server) = serve_app(Arc::clone(&app), public, telemetry);
     Secure {
@@ -583,7 +583,7 @@ async fn forwarded_events_carry_the_token() {
             ]
             .map(String::from),
         );
-        let app = App::new(config(flags));
+        let app = build_app(config(flags), &public, &telemetry);
         let url = format!("http://{}", public.local_addr().unwrap());
         let telemetry_url = format!(
             "http://{}/api/v1/telemetry",

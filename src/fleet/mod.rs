@@ -31,7 +31,7 @@ pub use balance::{Pick, RoleSet};
 pub use discovery::{is_own_address, Resolve, SystemResolver};
 pub use endpoint::{Clock, Endpoint, InFlight, Role};
 
-use crate::config::{Config, Target};
+use crate::config::{FleetConfig, Target};
 use crate::upstream::{self, HttpClient};
 
 /// A DNS answer larger than this is cut: every endpoint costs a health
@@ -65,7 +65,7 @@ pub struct Fleet {
     health_timeout: Duration,
     /// The proxy's own listening addresses: an upstream address among them
     /// would loop.
-    own: Mutex<Vec<SocketAddr>>,
+    own: Vec<SocketAddr>,
     /// Each target's last good answer (same order as the targets): a
     /// failed resolution keeps it, so a DNS hiccup does not empty the
     /// fleet; servers that are really gone fail their checks instead.
@@ -82,7 +82,13 @@ pub struct Fleet {
 impl Fleet {
     /// The fleet as far as it is known without DNS: IP addresses are
     /// endpoints at once, names wait for the first discovery round.
-    pub fn new(config: &Config, resolver: Arc<dyn Resolve>, client: HttpClient) -> Arc<Self> {
+    /// `own`: the proxy's own listening addresses.
+    pub fn new(
+        config: &FleetConfig,
+        own: &[SocketAddr],
+        resolver: Arc<dyn Resolve>,
+        client: HttpClient,
+    ) -> Arc<Self> {
         let clock = Clock::new();
         let literal = |targets: &[Target]| -> Vec<Vec<IpAddr>> {
             targets
@@ -106,7 +112,7 @@ impl Fleet {
             discovery_interval: config.discovery_interval,
             health_interval: config.health_interval,
             health_timeout: config.health_timeout,
-            own: Mutex::new(Vec::new()),
+            own: own.to_vec(),
             discovery_errors: AtomicU64::new(0),
             allowed_prefillers: config.allowed_prefillers.clone(),
             vouched: Mutex::new(HashMap::new()),
@@ -128,14 +134,6 @@ impl Fleet {
             Role::Prefiller => &self.prefiller_targets,
             Role::Decoder => &self.decoder_targets,
         }
-    }
-
-    /// Tells the fleet where the proxy itself listens, so that discovery
-    /// never adds one of those addresses.
-    pub fn set_own_addrs(&self, addrs: &[SocketAddr]) {
-        *self.own.lock().unwrap_or_else(PoisonError::into_inner) = addrs.to_vec();
-        self.rebuild(Role::Prefiller);
-        self.rebuild(Role::Decoder);
     }
 
     /// Discovery and health checks, until the task is dropped.
@@ -239,11 +237,6 @@ impl Fleet {
     fn rebuild(&self, role: Role) -> Vec<Arc<Endpoint>> {
         let set = self.role(role);
         let current = set.snapshot();
-        let own = self
-            .own
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
         let answers =
             self.answers.lock().unwrap_or_else(PoisonError::into_inner)[role as usize].clone();
         let mut next: Vec<Arc<Endpoint>> = Vec::new();
@@ -255,7 +248,7 @@ impl Fleet {
                 if next.iter().any(|e| e.addr == addr) {
                     continue;
                 }
-                if is_own_address(addr, &own) {
+                if is_own_address(addr, &self.own) {
                     tracing::warn!(role = role.as_str(), %addr, host = %target.host, "skipping an upstream address that is this proxy's own");
                     continue;
                 }
@@ -365,11 +358,6 @@ impl Fleet {
             ));
         }
         let known = self.prefillers.snapshot();
-        let own = self
-            .own
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
         let mut chosen: Vec<Arc<Endpoint>> = Vec::with_capacity(entries.len());
         for entry in entries {
             let shown: String = entry.chars().take(64).collect();
@@ -388,7 +376,7 @@ impl Fleet {
             if chosen.iter().any(|e| e.addr == addr) {
                 continue;
             }
-            if is_own_address(addr, &own) {
+            if is_own_address(addr, &self.own) {
                 return Err(format!(
                     "x-prefiller-host-port: {addr} is this proxy's own address"
                 ));
@@ -505,7 +493,7 @@ type Family = (
 /// it runs out of file descriptors. A name that does not resolve yet is
 /// left to discovery (pods may start after the proxy).
 pub async fn check_not_self(
-    config: &Config,
+    config: &FleetConfig,
     own: &[SocketAddr],
     resolver: &dyn Resolve,
 ) -> Result<(), String> {

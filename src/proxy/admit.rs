@@ -32,10 +32,10 @@ pub fn refuse_loop(app: &App, headers: &HeaderMap) -> Option<Response> {
 /// unless the proxy checks client keys (`--api-key`): then the client's
 /// key is the proxy's credential and never leaves it.
 pub fn upstream_auth(app: &App, headers: &HeaderMap) -> Option<HeaderValue> {
-    if let Some(key) = &app.config.upstream_auth {
+    if let Some(key) = &app.config.fleet.upstream_auth {
         return Some(key.clone());
     }
-    if !app.config.api_keys.is_empty() {
+    if !app.config.security.api_keys.is_empty() {
         return None;
     }
     let value = headers.get(header::AUTHORIZATION)?;
@@ -76,7 +76,7 @@ pub fn park(
         ProxyError::Overloaded {
             message: format!(
                 "{} requests are already waiting for their KV cache (--max-pending); try again shortly",
-                app.config.max_pending
+                app.config.limits.max_pending
             ),
             retry_after: 1,
         }

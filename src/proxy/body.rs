@@ -34,7 +34,7 @@ pub async fn read(
     body: Body,
     content_length: Option<u64>,
 ) -> Result<(Bytes, BodyBudget), ProxyError> {
-    let limit = app.config.max_body_bytes;
+    let limit = app.config.limits.max_body_bytes;
     if content_length.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::PayloadTooLarge { limit });
     }
@@ -59,14 +59,14 @@ pub async fn read(
         }
         Ok(())
     };
-    match timeout(app.config.body_timeout, read).await {
+    match timeout(app.config.limits.body_timeout, read).await {
         Ok(Ok(())) => Ok((buf.freeze(), budget)),
         Ok(Err(e)) => Err(e),
         Err(_) => {
             app.metrics.guards.timeout(TimeoutKind::Body);
             Err(ProxyError::RequestTimeout(format!(
                 "the request body did not arrive within {:.1}s (--body-timeout)",
-                app.config.body_timeout.as_secs_f64()
+                app.config.limits.body_timeout.as_secs_f64()
             )))
         }
     }
@@ -133,7 +133,7 @@ pub async fn parse(ctx: &mut RequestCtx, raw: &Bytes) -> Result<Parsed, ProxyErr
 
 fn parse_now(app: &App, api: Api, raw: &[u8]) -> Result<(Parsed, Route, bool), ProxyError> {
     let request = ClientRequest::parse(api, raw)?;
-    let threshold = app.config.direct_below_tokens;
+    let threshold = app.config.fleet.direct_below_tokens;
     let route = if threshold > 0 && app.tokens.tokens(&request.size) < u64::from(threshold) {
         Route::Direct
     } else {

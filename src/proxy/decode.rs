@@ -40,7 +40,7 @@ pub async fn run(ctx: &mut RequestCtx, raw: Bytes) -> Result<DecoderAnswer, Prox
         retries: DECODE_CONNECT_RETRIES,
         retry: UpstreamError::never_sent,
     };
-    let deadline = tokio::time::Instant::now() + ctx.app.config.upstream_timeout;
+    let deadline = tokio::time::Instant::now() + ctx.app.config.fleet.upstream_timeout;
     let answer = leg::call(ctx, plan, |decoder, traceparent| {
         let req = leg::request(ctx, decoder, raw.clone(), traceparent);
         let sent = leg::send(ctx, Leg::Decode, decoder, req);

@@ -21,7 +21,7 @@ pub async fn await_ready(
     let app = &ctx.app;
     let started = Instant::now();
     let mut span = ctx.trace.phase("kv_wait");
-    let ready = timeout(app.config.kv_ready_timeout, kv_ready).await;
+    let ready = timeout(app.config.telemetry.kv_ready_timeout, kv_ready).await;
     // Asked before the guard gives the entry up.
     let report = app.pending.report(ctx.id);
     drop(guard);
@@ -38,9 +38,9 @@ pub async fn await_ready(
         return Ok(());
     }
     app.metrics.kv_timeouts.increment(1);
-    let secs = app.config.kv_ready_timeout.as_secs_f64();
+    let secs = app.config.telemetry.kv_ready_timeout.as_secs_f64();
     let reason = missing_reason(ctx, report.refused);
-    match ctx.app.config.on_kv_timeout {
+    match ctx.app.config.telemetry.on_kv_timeout {
         KvTimeoutPolicy::Decode => {
             tracing::warn!(
                 secs,

@@ -79,7 +79,7 @@ where
 {
     let app = &ctx.app;
     let (mut span, traceparent) = ctx.trace.leg(plan.leg.as_str());
-    let deadline = tokio::time::Instant::now() + app.config.upstream_timeout;
+    let deadline = tokio::time::Instant::now() + app.config.fleet.upstream_timeout;
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     let mut last_error = None;
     loop {
@@ -93,7 +93,7 @@ where
             app.metrics.upstream_error(plan.leg);
             return Err(ProxyError::UpstreamTimeout {
                 leg: plan.leg,
-                secs: app.config.upstream_timeout.as_secs_f64(),
+                secs: app.config.fleet.upstream_timeout.as_secs_f64(),
             });
         };
         let done = |span: &mut Phase, status: StatusCode| {

@@ -36,6 +36,7 @@ use crate::app::App;
 use crate::error::ProxyError;
 use crate::openai::Api;
 use crate::pending::RequestId;
+use crate::shutdown::Stage;
 use crate::trace::{Trace, TraceParent};
 
 pub use self::models::models;
@@ -79,7 +80,7 @@ async fn handle(app: Arc<App>, api: Api, headers: HeaderMap, body: Body) -> Resp
     let work = run(&mut ctx, named, body, content_length).instrument(span);
     let result = tokio::select! {
         result = work => result,
-        () = app.cut.cancelled() => Err(ProxyError::Overloaded {
+        () = app.shutdown.reached(Stage::Cut) => Err(ProxyError::Overloaded {
             message: "the proxy is shutting down and its drain time is up; send the request again".into(),
             retry_after: 1,
         }),

@@ -74,14 +74,14 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
         }
         None
     };
-    match timeout(app.config.upstream_timeout, first_ok).await {
+    match timeout(app.config.fleet.upstream_timeout, first_ok).await {
         Ok(Some(response)) => response,
         Ok(None) => ProxyError::from(last_error).into_response(),
         Err(_) => {
             app.metrics.upstream_error(Leg::Models);
             ProxyError::UpstreamTimeout {
                 leg: Leg::Models,
-                secs: app.config.upstream_timeout.as_secs_f64(),
+                secs: app.config.fleet.upstream_timeout.as_secs_f64(),
             }
             .into_response()
         }

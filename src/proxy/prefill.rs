@@ -31,7 +31,7 @@ pub async fn run(
         leg: Leg::Prefill,
         role: Role::Prefiller,
         named: ctx.prefillers.as_deref(),
-        retries: ctx.app.config.prefill_retries as usize,
+        retries: ctx.app.config.fleet.prefill_retries as usize,
         retry: UpstreamError::retryable,
     };
     let result = leg::call(ctx, plan, |prefiller, traceparent| {
@@ -85,7 +85,7 @@ pub async fn run(
         prefiller.observe_latency(answer.sent_at.elapsed());
         // The engine's exact count teaches the length estimate; only
         // worth a parse when the estimate is in use.
-        if ctx.app.config.direct_below_tokens > 0 {
+        if ctx.app.config.fleet.direct_below_tokens > 0 {
             if let Some(tokens) = crate::tokens::prompt_tokens(&whole.body) {
                 ctx.app.tokens.learn(&size, tokens);
             }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use pd_proxy::fleet::Resolve;
 use pd_proxy::sim::{Sim, SimConfig};
-use pd_proxy::{App, Args, Config, Listeners};
+use pd_proxy::{App, Args, Bound, Config, Listeners};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -91,7 +92,7 @@ pub async fn start_with(
     let mut flags =
         ports(pp, dp).unwrap_or_else(|| upstream_flags("127.0.0.1", pp, "127.0.0.1", dp));
     flags.extend(extra.iter().map(|s| s.to_string()));
-    let app = App::new(config(flags));
+    let app = build_app(config(flags), &public, &telemetry);
     let url = format!("http://{}", public.local_addr().unwrap());
     let (stop, server) = serve_app(Arc::clone(&app), public, telemetry);
     Stack {
@@ -111,6 +112,21 @@ pub fn config(flags: Vec<String>) -> Config {
     let mut argv: Vec<String> = vec!["pd-proxy".into()];
     argv.extend(flags);
     Args::try_parse_from(argv).unwrap().resolve(None).unwrap().0
+}
+
+/// The app for `config`, to be served on `public` and `telemetry`.
+pub fn build_app(config: Config, public: &TcpListener, telemetry: &TcpListener) -> Arc<App> {
+    App::build(config, &Bound::new(public, telemetry).unwrap()).unwrap()
+}
+
+/// Like [`build_app`], with names resolved by `resolver`.
+pub fn build_app_with_resolver(
+    config: Config,
+    public: &TcpListener,
+    telemetry: &TcpListener,
+    resolver: Arc<dyn Resolve>,
+) -> Arc<App> {
+    App::build_with_resolver(config, &Bound::new(public, telemetry).unwrap(), resolver).unwrap()
 }
 
 /// Serves `app` on the two listeners until the sender fires or is dropped.

@@ -42,6 +42,7 @@ use super::decode::DecoderAnswer;
 use crate::error::{Leg, ProxyError};
 use crate::fleet::InFlight;
 use crate::metrics::TimeoutKind;
+use crate::shutdown::Stage;
 use crate::upstream;
 
 /// The decoder's stream as the layers wrap it.
@@ -83,7 +84,7 @@ pub async fn start(ctx: &mut RequestCtx, answer: DecoderAnswer) -> Result<Reply,
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     ctx.record.status = Some(status.as_u16());
-    let limit = ctx.app.config.upstream_timeout;
+    let limit = ctx.app.config.fleet.upstream_timeout;
     if !sse {
         let read = read_whole(Leg::Decode, &decoder.authority, response);
         let whole = match tokio::time::timeout(limit, read).await {
@@ -104,8 +105,12 @@ pub async fn start(ctx: &mut RequestCtx, answer: DecoderAnswer) -> Result<Reply,
         drop(in_flight);
         return Ok(Reply::Whole(passthrough(whole)));
     }
-    let idle = ctx.app.config.stream_idle_timeout;
-    let watch = Watch::new(response.into_body(), idle, ctx.app.cut.clone());
+    let idle = ctx.app.config.limits.stream_idle_timeout;
+    let watch = Watch::new(
+        response.into_body(),
+        idle,
+        ctx.app.shutdown.handle(Stage::Cut),
+    );
     let mut body = Batch::new(SseEnd::new(watch));
     let first = std::future::poll_fn(|cx| body.poll_gather(cx));
     if tokio::time::timeout(limit, first).await.is_err() {
@@ -130,7 +135,7 @@ fn decode_timed_out(ctx: &RequestCtx) -> ProxyError {
         ctx,
         ProxyError::UpstreamTimeout {
             leg: Leg::Decode,
-            secs: ctx.app.config.upstream_timeout.as_secs_f64(),
+            secs: ctx.app.config.fleet.upstream_timeout.as_secs_f64(),
         },
     )
 }
