@@ -24,8 +24,8 @@ use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::app::App;
+use crate::conn::{self, Activity, GuardedIo, Slots, Tracked};
 use crate::error::ProxyError;
-use crate::limits::{self, Activity, GuardedIo, Slots, Tracked};
 use crate::metrics::{Metrics, Port as MetricPort};
 use crate::{proxy, telemetry};
 
@@ -441,7 +441,7 @@ async fn serve_port(
         let Some(slot) = port.slots.take() else {
             // At the cap: said in one write, then closed, so the client
             // learns why instead of waiting in the accept queue.
-            let _ = tcp.try_write(&limits::refusal(port.slots.port));
+            let _ = tcp.try_write(&conn::refusal(port.slots.port));
             continue;
         };
         let (port, router, stop, kill) = (
