@@ -75,7 +75,7 @@ impl App {
             forwarder,
             forward_task: Mutex::new(Some(Box::pin(forward_task))),
             pending: Pending::new(metrics.pending.clone(), config.max_pending),
-            fleet: Fleet::new(&config, resolver, client.clone()),
+            fleet: Fleet::new(&config, resolver, client.clone(), &metrics),
             client,
             tokens: TokenEstimate::new(metrics.bytes_per_token.clone()),
             metrics,
@@ -186,7 +186,7 @@ impl App {
             let limit = self.config.health_timeout.max(Duration::from_secs(5));
             match self
                 .tokens
-                .calibrate(&self.client, &endpoint, auth, limit)
+                .calibrate(&self.client, &endpoint.tokenize_uri, auth, limit)
                 .await
             {
                 Ok(()) => return,

@@ -24,6 +24,7 @@ use serde::de::{
 use serde_json::value::RawValue;
 
 use crate::error::ProxyError;
+use crate::metrics::LabelValue;
 use crate::tokens::PromptSize;
 
 /// Visitor methods for the JSON types a visitor has no use for: they give
@@ -84,6 +85,12 @@ impl Api {
             Api::Chat => "chatcmpl-",
             Api::Completions => "cmpl-",
         }
+    }
+}
+
+impl LabelValue for Api {
+    fn label_value(self) -> &'static str {
+        self.as_str()
     }
 }
 

@@ -97,8 +97,9 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let mut text = app.metrics.render();
-    app.fleet.render_metrics(&mut text);
+    let text = app
+        .metrics
+        .render_with(|series| app.fleet.write_metrics(series));
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -1,4 +1,6 @@
-//! Every metric the proxy exports, named in one place.
+//! Every metric the proxy exports, named in one module: the request
+//! path's here, the limits' in [`guards`], who was let in in [`access`],
+//! the fleet's per-endpoint series in [`endpoints`].
 //!
 //! Each [`App`](crate::app::App) owns its own Prometheus recorder instead
 //! of installing a global one: several proxies in one process (tests, or an
@@ -12,8 +14,18 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::error::Leg;
-use crate::fleet::Role;
-use crate::openai::Api;
+
+mod access;
+mod endpoints;
+mod guards;
+
+use access::Access;
+pub use access::{AuthFailure, TelemetryRefusal, AUTH_FAILURES, TELEMETRY_REFUSED};
+pub use endpoints::{EndpointSample, EndpointSeries};
+pub use guards::{
+    Guards, Port, TimeoutKind, BODY_BUDGET_FULL, CONNECTIONS_REFUSED, DRAIN_CUT, OPEN_CONNECTIONS,
+    PENDING_FULL, TIMEOUTS,
+};
 
 pub const REQUESTS: &str = "pd_proxy_requests_total";
 pub const PENDING: &str = "pd_proxy_pending_requests";
@@ -72,14 +84,20 @@ impl ForwardOutcome {
         }
     }
 }
-// Rendered by the fleet from its live endpoints, see
-// `Fleet::render_metrics`.
+// The fleet's per-endpoint series, see [`Metrics::render_with`].
 pub const ENDPOINT_HEALTHY: &str = "pd_proxy_endpoint_healthy";
 pub const ENDPOINT_IN_FLIGHT: &str = "pd_proxy_endpoint_in_flight";
 pub const ENDPOINT_REQUESTS: &str = "pd_proxy_endpoint_requests_total";
 pub const ENDPOINT_EJECTIONS: &str = "pd_proxy_endpoint_ejections_total";
 pub const ENDPOINT_RETRIES: &str = "pd_proxy_endpoint_retries_total";
 pub const DISCOVERY_ERRORS: &str = "pd_proxy_discovery_errors_total";
+
+/// A metric label's value, named by the type it labels (a fleet role, an
+/// API): each room implements it for its own types, so this module
+/// imports none of them and every arrow points down to it.
+pub trait LabelValue: Copy {
+    fn label_value(self) -> &'static str;
+}
 
 /// How a request was served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +133,6 @@ pub struct Metrics {
     upstream_errors: [Counter; 3],
     retries: [Counter; 2],
     routes: [Counter; 2],
-    panic_picks: [Counter; 2],
     pub loops: Counter,
     pub bytes_per_token: Gauge,
     forwarded: [Counter; 5],
@@ -231,6 +248,11 @@ impl Metrics {
             None,
             "Requests refused with 508 because they came from a pd-proxy.",
         );
+        describe(
+            DISCOVERY_ERRORS,
+            None,
+            "DNS resolutions of upstream hosts that failed or timed out.",
+        );
         let counter =
             |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
         let histogram = |name: &'static str| {
@@ -253,10 +275,6 @@ impl Metrics {
             routes: [
                 labelled(ROUTES, &PD_LABELS),
                 labelled(ROUTES, &DIRECT_LABELS),
-            ],
-            panic_picks: [
-                labelled(PANIC_PICKS, &PREFILLER_LABELS),
-                labelled(PANIC_PICKS, &DECODER_LABELS),
             ],
             loops: counter(LOOPS),
             forwarded: ForwardOutcome::ALL.map(|o| labelled(FORWARDED_IDS, o.labels())),
@@ -309,13 +327,29 @@ impl Metrics {
         self.routes[usize::from(route == Route::Direct)].increment(1);
     }
 
-    pub fn panic_pick(&self, role: Role) {
-        self.panic_picks[usize::from(role == Role::Decoder)].increment(1);
+    pub fn panic_pick(&self, role: impl LabelValue) {
+        self.panic_picks(role).increment(1);
     }
 
-    pub fn request(&self, api: Api, status: u16) {
+    /// The panic picks of `role`. The fleet asks for each of its roles
+    /// when made, so that each series shows from zero: this module does
+    /// not know the roles.
+    pub fn panic_picks(&self, role: impl LabelValue) -> Counter {
+        let labels = vec![Label::from_static_parts("role", role.label_value())];
+        self.recorder
+            .register_counter(&Key::from_parts(PANIC_PICKS, labels), &METADATA)
+    }
+
+    /// Failed or timed-out resolutions of upstream names, counted by the
+    /// fleet.
+    pub fn discovery_errors(&self) -> Counter {
+        self.recorder
+            .register_counter(&Key::from_static_name(DISCOVERY_ERRORS), &METADATA)
+    }
+
+    pub fn request(&self, api: impl LabelValue, status: u16) {
         let labels = vec![
-            Label::from_static_parts("endpoint", api.as_str()),
+            Label::from_static_parts("endpoint", api.label_value()),
             Label::new("status", status.to_string()),
         ];
         self.recorder
@@ -323,9 +357,20 @@ impl Metrics {
             .increment(1);
     }
 
-    /// Prometheus text exposition.
+    /// Prometheus text exposition of the proxy's own series.
     pub fn render(&self) -> String {
         self.handle.render()
+    }
+
+    /// The metrics page: the proxy's own series, then the fleet's
+    /// per-endpoint ones, which `fleet` writes for the endpoints it has
+    /// at this moment.
+    pub fn render_with(&self, fleet: impl FnOnce(&EndpointSeries)) -> String {
+        let endpoints = EndpointSeries::new();
+        fleet(&endpoints);
+        let mut text = self.render();
+        text.push_str(&endpoints.render());
+        text
     }
 
     /// Folds histogram samples into buckets; must run periodically or the
@@ -348,8 +393,6 @@ static QUEUE_FULL_LABELS: [Label; 1] = [Label::from_static_parts("outcome", "que
 static MISROUTED_LABELS: [Label; 1] = [Label::from_static_parts("outcome", "misrouted")];
 static PD_LABELS: [Label; 1] = [Label::from_static_parts("route", "pd")];
 static DIRECT_LABELS: [Label; 1] = [Label::from_static_parts("route", "direct")];
-static PREFILLER_LABELS: [Label; 1] = [Label::from_static_parts("role", "prefiller")];
-static DECODER_LABELS: [Label; 1] = [Label::from_static_parts("role", "decoder")];
 
 fn leg_labels(leg: Leg) -> &'static [Label] {
     match leg {
@@ -358,281 +401,3 @@ fn leg_labels(leg: Leg) -> &'static [Label] {
         Leg::Models => &MODELS_LABELS,
     }
 }
-
-pub const OPEN_CONNECTIONS: &str = "pd_proxy_open_connections";
-pub const CONNECTIONS_REFUSED: &str = "pd_proxy_connections_refused_total";
-pub const PENDING_FULL: &str = "pd_proxy_pending_full_total";
-pub const BODY_BUDGET_FULL: &str = "pd_proxy_body_budget_full_total";
-pub const TIMEOUTS: &str = "pd_proxy_timeouts_total";
-pub const DRAIN_CUT: &str = "pd_proxy_drain_cut_total";
-
-/// A listener of the proxy, as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Port {
-    Api,
-    Telemetry,
-    /// `--metrics-port`.
-    Metrics,
-}
-
-impl Port {
-    fn index(self) -> usize {
-        match self {
-            Port::Api => 0,
-            Port::Telemetry => 1,
-            Port::Metrics => 2,
-        }
-    }
-}
-
-/// Which bound ran out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeoutKind {
-    /// A request or telemetry body took longer than `--body-timeout`.
-    Body,
-    /// A decoder stream went silent for `--stream-idle-timeout`.
-    StreamIdle,
-    /// A client left sent bytes unread for `--send-timeout`.
-    Send,
-}
-
-/// Counters of the limits; each label set is fixed here.
-pub struct Guards {
-    connections: [Gauge; 3],
-    connections_refused: [Counter; 3],
-    pub pending_full: Counter,
-    pub body_budget_full: Counter,
-    timeouts: [Counter; 3],
-    pub drain_cut: Counter,
-    /// When a connection was last refused at each port's cap, in ms after
-    /// `epoch` (0: never), so a KV timeout can say it may be why.
-    last_refused: [std::sync::atomic::AtomicU64; 3],
-    epoch: std::time::Instant,
-}
-
-impl Guards {
-    fn register(recorder: &PrometheusRecorder) -> Self {
-        recorder.describe_gauge(
-            OPEN_CONNECTIONS.into(),
-            None,
-            "Open client connections, by listener (api, telemetry).".into(),
-        );
-        recorder.describe_counter(
-            CONNECTIONS_REFUSED.into(),
-            None,
-            "Connections closed at once because their listener was at its cap (--max-connections; the telemetry port's own allowance).".into(),
-        );
-        recorder.describe_counter(
-            PENDING_FULL.into(),
-            None,
-            "Requests answered 503 because --max-pending requests were already parked.".into(),
-        );
-        recorder.describe_counter(
-            BODY_BUDGET_FULL.into(),
-            None,
-            "Requests answered 503 because the request bodies held at once reached their budget (6 x --max-body-bytes).".into(),
-        );
-        recorder.describe_counter(
-            TIMEOUTS.into(),
-            None,
-            "Bounds that ran out: body (--body-timeout), stream_idle (--stream-idle-timeout), send (--send-timeout).".into(),
-        );
-        recorder.describe_counter(
-            DRAIN_CUT.into(),
-            None,
-            "Requests still running when the shutdown drain ended, cut with an error.".into(),
-        );
-        let ports: [&'static [Label]; 3] = [
-            &API_PORT_LABELS,
-            &TELEMETRY_PORT_LABELS,
-            &METRICS_PORT_LABELS,
-        ];
-        let timeout = |labels: &'static [Label]| {
-            recorder.register_counter(&Key::from_static_parts(TIMEOUTS, labels), &METADATA)
-        };
-        Guards {
-            connections: ports.map(|labels| {
-                recorder
-                    .register_gauge(&Key::from_static_parts(OPEN_CONNECTIONS, labels), &METADATA)
-            }),
-            connections_refused: ports.map(|labels| {
-                recorder.register_counter(
-                    &Key::from_static_parts(CONNECTIONS_REFUSED, labels),
-                    &METADATA,
-                )
-            }),
-            pending_full: recorder
-                .register_counter(&Key::from_static_name(PENDING_FULL), &METADATA),
-            body_budget_full: recorder
-                .register_counter(&Key::from_static_name(BODY_BUDGET_FULL), &METADATA),
-            timeouts: [
-                timeout(&BODY_TIMEOUT_LABELS),
-                timeout(&STREAM_IDLE_TIMEOUT_LABELS),
-                timeout(&SEND_TIMEOUT_LABELS),
-            ],
-            drain_cut: recorder.register_counter(&Key::from_static_name(DRAIN_CUT), &METADATA),
-            last_refused: Default::default(),
-            epoch: std::time::Instant::now(),
-        }
-    }
-
-    pub fn connections(&self, port: Port) -> &Gauge {
-        &self.connections[port.index()]
-    }
-
-    pub fn connection_refused(&self, port: Port) {
-        self.connections_refused[port.index()].increment(1);
-        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
-        self.last_refused[port.index()].store(ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// A connection was refused at `port`'s cap within the last minute.
-    pub fn refused_lately(&self, port: Port) -> bool {
-        let at = self.last_refused[port.index()].load(std::sync::atomic::Ordering::Relaxed);
-        at > 0 && self.epoch.elapsed().as_millis() as u64 + 1 - at < 60_000
-    }
-
-    pub fn timeout(&self, kind: TimeoutKind) {
-        let i = match kind {
-            TimeoutKind::Body => 0,
-            TimeoutKind::StreamIdle => 1,
-            TimeoutKind::Send => 2,
-        };
-        self.timeouts[i].increment(1);
-    }
-}
-
-static API_PORT_LABELS: [Label; 1] = [Label::from_static_parts("port", "api")];
-static TELEMETRY_PORT_LABELS: [Label; 1] = [Label::from_static_parts("port", "telemetry")];
-static METRICS_PORT_LABELS: [Label; 1] = [Label::from_static_parts("port", "metrics")];
-static BODY_TIMEOUT_LABELS: [Label; 1] = [Label::from_static_parts("kind", "body")];
-static STREAM_IDLE_TIMEOUT_LABELS: [Label; 1] = [Label::from_static_parts("kind", "stream_idle")];
-static SEND_TIMEOUT_LABELS: [Label; 1] = [Label::from_static_parts("kind", "send")];
-
-pub const TELEMETRY_REFUSED: &str = "pd_proxy_telemetry_refused_total";
-pub const AUTH_FAILURES: &str = "pd_proxy_auth_failures_total";
-
-/// Why a telemetry post (or, for `WorldSize`, its ids) was not counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TelemetryRefusal {
-    /// No `?token=`, a wrong one, or more than one (403).
-    Token,
-    /// It claimed a larger `world_size` than the first event for its
-    /// request: counting it would hold the request back for ranks that do
-    /// not exist.
-    WorldSize,
-    /// A body past the telemetry limit (413).
-    TooLarge,
-    /// A body that did not arrive in time (408).
-    Timeout,
-    /// Not an LMCache event (400).
-    Malformed,
-}
-
-impl TelemetryRefusal {
-    const ALL: [TelemetryRefusal; 5] = [
-        TelemetryRefusal::Token,
-        TelemetryRefusal::WorldSize,
-        TelemetryRefusal::TooLarge,
-        TelemetryRefusal::Timeout,
-        TelemetryRefusal::Malformed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TelemetryRefusal::Token => "token",
-            TelemetryRefusal::WorldSize => "world_size",
-            TelemetryRefusal::TooLarge => "too_large",
-            TelemetryRefusal::Timeout => "timeout",
-            TelemetryRefusal::Malformed => "malformed",
-        }
-    }
-}
-
-/// Why a client was answered 401.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthFailure {
-    /// No `Authorization` header.
-    Missing,
-    /// Not `Bearer KEY`, or a key that is not configured.
-    Invalid,
-}
-
-/// The event names LMCache sends (0.5.6 sends only this one); any other
-/// name is counted as `other`, so a sender cannot mint series.
-const KNOWN_EVENTS: [&str; 1] = ["request_store_finished"];
-
-/// Counters of who was let in; every label set is fixed here.
-struct Access {
-    /// One per [`KNOWN_EVENTS`] entry, then `other`.
-    telemetry_events: [Counter; 2],
-    telemetry_refused: [Counter; 5],
-    auth_failures: [Counter; 2],
-}
-
-impl Access {
-    fn register(recorder: &PrometheusRecorder) -> Self {
-        recorder.describe_counter(
-            TELEMETRY_REFUSED.into(),
-            None,
-            "Telemetry posts refused, by reason: token (403), too_large (413), timeout (408), malformed (400), world_size (posts with ids whose world_size exceeded their request's first; not counted towards readiness).".into(),
-        );
-        recorder.describe_counter(
-            AUTH_FAILURES.into(),
-            None,
-            "API requests answered 401, by reason: missing (no Authorization header) or invalid (not Bearer, or an unknown key).".into(),
-        );
-        let labelled = |name: &'static str, labels: &'static [Label]| {
-            recorder.register_counter(&Key::from_static_parts(name, labels), &METADATA)
-        };
-        Access {
-            telemetry_events: [
-                labelled(TELEMETRY_EVENTS, &STORE_FINISHED_LABELS),
-                labelled(TELEMETRY_EVENTS, &OTHER_EVENT_LABELS),
-            ],
-            telemetry_refused: [
-                labelled(TELEMETRY_REFUSED, &REFUSED_TOKEN_LABELS),
-                labelled(TELEMETRY_REFUSED, &REFUSED_WORLD_SIZE_LABELS),
-                labelled(TELEMETRY_REFUSED, &REFUSED_TOO_LARGE_LABELS),
-                labelled(TELEMETRY_REFUSED, &REFUSED_TIMEOUT_LABELS),
-                labelled(TELEMETRY_REFUSED, &REFUSED_MALFORMED_LABELS),
-            ],
-            auth_failures: [
-                labelled(AUTH_FAILURES, &AUTH_MISSING_LABELS),
-                labelled(AUTH_FAILURES, &AUTH_INVALID_LABELS),
-            ],
-        }
-    }
-}
-
-impl Metrics {
-    pub fn telemetry_event(&self, event: &str) {
-        let i = KNOWN_EVENTS
-            .iter()
-            .position(|known| *known == event)
-            .unwrap_or(KNOWN_EVENTS.len());
-        self.access.telemetry_events[i].increment(1);
-    }
-
-    pub fn telemetry_refused(&self, reason: TelemetryRefusal) {
-        let i = TelemetryRefusal::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .expect("every reason is listed");
-        self.access.telemetry_refused[i].increment(1);
-    }
-
-    pub fn auth_failure(&self, failure: AuthFailure) {
-        self.access.auth_failures[usize::from(failure == AuthFailure::Invalid)].increment(1);
-    }
-}
-
-static STORE_FINISHED_LABELS: [Label; 1] = [Label::from_static_parts("event", KNOWN_EVENTS[0])];
-static OTHER_EVENT_LABELS: [Label; 1] = [Label::from_static_parts("event", "other")];
-static REFUSED_TOKEN_LABELS: [Label; 1] = [Label::from_static_parts("reason", "token")];
-static REFUSED_WORLD_SIZE_LABELS: [Label; 1] = [Label::from_static_parts("reason", "world_size")];
-static REFUSED_TOO_LARGE_LABELS: [Label; 1] = [Label::from_static_parts("reason", "too_large")];
-static REFUSED_TIMEOUT_LABELS: [Label; 1] = [Label::from_static_parts("reason", "timeout")];
-static REFUSED_MALFORMED_LABELS: [Label; 1] = [Label::from_static_parts("reason", "malformed")];
-static AUTH_MISSING_LABELS: [Label; 1] = [Label::from_static_parts("reason", "missing")];
-static AUTH_INVALID_LABELS: [Label; 1] = [Label::from_static_parts("reason", "invalid")];
