@@ -116,6 +116,115 @@ const BUCKETS: &[f64] = &[
     120.0, 300.0,
 ];
 
+/// Each series' help text and unit, given to the recorder once.
+const DESCRIPTIONS: [(&str, Option<Unit>, &str); 21] = [
+    (
+        REQUESTS,
+        None,
+        "Requests answered, by endpoint and HTTP status.",
+    ),
+    (
+        PENDING,
+        None,
+        "Requests parked waiting for their KV to be stored.",
+    ),
+    (
+        PREFILL_SECONDS,
+        Some(Unit::Seconds),
+        "Prefill request duration.",
+    ),
+    (
+        KV_WAIT_SECONDS,
+        Some(Unit::Seconds),
+        "Wait from the prefill response to the last rank's store-finished event.",
+    ),
+    (
+        DECODE_TTFB_SECONDS,
+        Some(Unit::Seconds),
+        "Decoder time to first response byte.",
+    ),
+    (
+        E2E_SECONDS,
+        Some(Unit::Seconds),
+        "End-to-end request duration, to the last byte relayed.",
+    ),
+    (
+        TELEMETRY_EVENTS,
+        None,
+        "LMCache telemetry events received, by event: request_store_finished, or other for any other name.",
+    ),
+    (
+        TELEMETRY_UNKNOWN_IDS,
+        None,
+        "Telemetry request ids that matched no parked request.",
+    ),
+    (
+        KV_TIMEOUTS,
+        None,
+        "Requests whose KV-ready wait timed out.",
+    ),
+    (
+        UPSTREAM_ERRORS,
+        None,
+        "Upstream failures, by leg.",
+    ),
+    (
+        CLIENT_DISCONNECTS,
+        None,
+        "Requests whose client left before the answer ended.",
+    ),
+    (
+        RETRIES,
+        None,
+        "Upstream calls tried again on another endpoint, by leg.",
+    ),
+    (
+        ROUTES,
+        None,
+        "Requests by route: pd (prefill, then decode) or direct (decoder only).",
+    ),
+    (
+        PANIC_PICKS,
+        None,
+        "Endpoint choices made with no healthy endpoint of the role, among all of them.",
+    ),
+    (
+        BYTES_PER_TOKEN,
+        None,
+        "Prompt bytes per token in the length estimate of --direct-below-tokens, learned from the prefillers' usage counts.",
+    ),
+    (
+        FORWARDED_IDS,
+        None,
+        "Telemetry ids of another replica's requests, by outcome: delivered, unknown_at_owner, unreachable, queue_full, misrouted.",
+    ),
+    (
+        FORWARD_SECONDS,
+        Some(Unit::Seconds),
+        "From a forwarded event's arrival to its owner's answer: the KV wait forwarding adds.",
+    ),
+    (
+        INVALID_IDS,
+        None,
+        "Telemetry ids that no replica of this cluster made (bad format or MAC).",
+    ),
+    (
+        TRACE_SPANS_DROPPED,
+        None,
+        "Trace spans dropped: the export queue was full, or the OTLP collector refused or did not take their batch in time.",
+    ),
+    (
+        LOOPS,
+        None,
+        "Requests refused with 508 because they came from a pd-proxy.",
+    ),
+    (
+        DISCOVERY_ERRORS,
+        None,
+        "DNS resolutions of upstream hosts that failed or timed out.",
+    ),
+];
+
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
@@ -153,106 +262,9 @@ impl Metrics {
             .expect("bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
-        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+        for (name, unit, help) in DESCRIPTIONS {
             recorder.describe_counter(name.into(), unit, help.into());
-        };
-        describe(
-            REQUESTS,
-            None,
-            "Requests answered, by endpoint and HTTP status.",
-        );
-        describe(
-            PENDING,
-            None,
-            "Requests parked waiting for their KV to be stored.",
-        );
-        describe(
-            PREFILL_SECONDS,
-            Some(Unit::Seconds),
-            "Prefill request duration.",
-        );
-        describe(
-            KV_WAIT_SECONDS,
-            Some(Unit::Seconds),
-            "Wait from the prefill response to the last rank's store-finished event.",
-        );
-        describe(
-            DECODE_TTFB_SECONDS,
-            Some(Unit::Seconds),
-            "Decoder time to first response byte.",
-        );
-        describe(
-            E2E_SECONDS,
-            Some(Unit::Seconds),
-            "End-to-end request duration, to the last byte relayed.",
-        );
-        describe(
-            TELEMETRY_EVENTS,
-            None,
-            "LMCache telemetry events received, by event: request_store_finished, or other for any other name.",
-        );
-        describe(
-            TELEMETRY_UNKNOWN_IDS,
-            None,
-            "Telemetry request ids that matched no parked request.",
-        );
-        describe(KV_TIMEOUTS, None, "Requests whose KV-ready wait timed out.");
-        describe(UPSTREAM_ERRORS, None, "Upstream failures, by leg.");
-        describe(
-            CLIENT_DISCONNECTS,
-            None,
-            "Requests whose client left before the answer ended.",
-        );
-        describe(
-            RETRIES,
-            None,
-            "Upstream calls tried again on another endpoint, by leg.",
-        );
-        describe(
-            ROUTES,
-            None,
-            "Requests by route: pd (prefill, then decode) or direct (decoder only).",
-        );
-        describe(
-            PANIC_PICKS,
-            None,
-            "Endpoint choices made with no healthy endpoint of the role, among all of them.",
-        );
-        describe(
-            BYTES_PER_TOKEN,
-            None,
-            "Prompt bytes per token in the length estimate of --direct-below-tokens, learned from the prefillers' usage counts.",
-        );
-        describe(
-            FORWARDED_IDS,
-            None,
-            "Telemetry ids of another replica's requests, by outcome: delivered, unknown_at_owner, unreachable, queue_full, misrouted.",
-        );
-        describe(
-            FORWARD_SECONDS,
-            Some(Unit::Seconds),
-            "From a forwarded event's arrival to its owner's answer: the KV wait forwarding adds.",
-        );
-        describe(
-            INVALID_IDS,
-            None,
-            "Telemetry ids that no replica of this cluster made (bad format or MAC).",
-        );
-        describe(
-            TRACE_SPANS_DROPPED,
-            None,
-            "Trace spans dropped: the export queue was full, or the OTLP collector refused or did not take their batch in time.",
-        );
-        describe(
-            LOOPS,
-            None,
-            "Requests refused with 508 because they came from a pd-proxy.",
-        );
-        describe(
-            DISCOVERY_ERRORS,
-            None,
-            "DNS resolutions of upstream hosts that failed or timed out.",
-        );
+        }
         let counter =
             |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
         let histogram = |name: &'static str| {
