@@ -110,7 +110,13 @@ impl App {
             ids,
             forwarder,
             pending: Pending::new(metrics.pending.clone(), config.limits.max_pending),
-            fleet: Fleet::new(&config.fleet, &bound.own(), resolver, client.clone()),
+            fleet: Fleet::new(
+                &config.fleet,
+                &bound.own(),
+                resolver,
+                client.clone(),
+                &metrics,
+            ),
             client,
             tokens: TokenEstimate::new(metrics.bytes_per_token.clone()),
             metrics,
@@ -191,7 +197,7 @@ impl App {
             let limit = self.config.fleet.health_timeout.max(Duration::from_secs(5));
             match self
                 .tokens
-                .calibrate(&self.client, &endpoint, auth, limit)
+                .calibrate(&self.client, &endpoint.tokenize_uri, auth, limit)
                 .await
             {
                 Ok(()) => return,

@@ -22,10 +22,10 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod fleet;
 pub mod forward;
-pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod owner;

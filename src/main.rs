@@ -113,7 +113,7 @@ async fn run(
     addrs: ListenAddrs,
     cap_given: bool,
 ) -> Result<(), Failure> {
-    let fd_limit = pd_proxy::limits::raise_fd_limit();
+    let fd_limit = pd_proxy::conn::raise_fd_limit();
     let wanted = config.limits.max_connections;
     let cap = pd_proxy::server::connection_cap(wanted, fd_limit);
     if cap < wanted {

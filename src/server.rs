@@ -25,8 +25,8 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::WaitForCancellationFuture;
 
 use crate::app::{App, Bound};
+use crate::conn::{self, Activity, GuardedIo, Slots, Tracked};
 use crate::error::ProxyError;
-use crate::limits::{self, Activity, GuardedIo, Slots, Tracked};
 use crate::metrics::{Metrics, Port as MetricPort};
 use crate::shutdown::Stage;
 use crate::{proxy, telemetry};
@@ -99,8 +99,9 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let mut text = app.metrics.render();
-    app.fleet.render_metrics(&mut text);
+    let text = app
+        .metrics
+        .render_with(|series| app.fleet.write_metrics(series));
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -461,7 +462,7 @@ async fn serve_port(listener: TcpListener, router: Router, port: Port) -> io::Re
         let Some(slot) = port.slots.take() else {
             // At the cap: said in one write, then closed, so the client
             // learns why instead of waiting in the accept queue.
-            let _ = tcp.try_write(&limits::refusal(port.slots.port));
+            let _ = tcp.try_write(&conn::refusal(port.slots.port));
             continue;
         };
         let (port, router) = (Arc::clone(&port), router.clone());

@@ -20,12 +20,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderValue, Uri};
 use http_body_util::BodyExt;
 use metrics::Gauge;
 use serde::Deserialize;
 
-use crate::fleet::Endpoint;
 use crate::upstream::{self, HttpClient};
 
 /// What the estimate needs of a prompt, measured while the body is parsed.
@@ -175,12 +174,13 @@ impl TokenEstimate {
         Ok(())
     }
 
-    /// Asks `endpoint`'s `/tokenize` for the three counts of
-    /// [`set_calibration`](Self::set_calibration), each bounded by `limit`.
+    /// Asks a prefiller's `/tokenize` (`tokenize_uri`) for the three
+    /// counts of [`set_calibration`](Self::set_calibration), each bounded
+    /// by `limit`.
     pub async fn calibrate(
         &self,
         client: &HttpClient,
-        endpoint: &Endpoint,
+        tokenize_uri: &Uri,
         auth: Option<&HeaderValue>,
         limit: Duration,
     ) -> Result<(), String> {
@@ -192,12 +192,7 @@ impl TokenEstimate {
         ];
         let mut counts = [0u64; 3];
         for (count, body) in counts.iter_mut().zip(bodies) {
-            let req = upstream::post_json(
-                &endpoint.tokenize_uri,
-                Bytes::from(body.to_string()),
-                auth,
-                None,
-            );
+            let req = upstream::post_json(tokenize_uri, Bytes::from(body.to_string()), auth, None);
             let call = async {
                 let response = client.request(req).await.map_err(|e| e.to_string())?;
                 let status = response.status();

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use http::Uri;
 
+use crate::metrics::{EndpointSample, LabelValue};
+
 /// Which half of the deployment an endpoint serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -26,6 +28,12 @@ impl Role {
             Role::Prefiller => "prefiller",
             Role::Decoder => "decoder",
         }
+    }
+}
+
+impl LabelValue for Role {
+    fn label_value(self) -> &'static str {
+        self.as_str()
     }
 }
 
@@ -390,8 +398,10 @@ impl Endpoint {
     }
 
     /// The per-endpoint counters, for the metrics page.
-    pub fn stats(&self) -> Stats {
-        Stats {
+    pub fn stats(&self) -> EndpointSample<'_> {
+        EndpointSample {
+            role: self.role.label_value(),
+            endpoint: &self.authority,
             healthy: self.healthy(),
             in_flight: self.in_flight(),
             requests: self.requests.load(Ordering::Relaxed),
@@ -399,14 +409,6 @@ impl Endpoint {
             ejections: self.ejections.load(Ordering::Relaxed),
         }
     }
-}
-
-pub struct Stats {
-    pub healthy: bool,
-    pub in_flight: u32,
-    pub requests: u64,
-    pub retries: u64,
-    pub ejections: u64,
 }
 
 /// One request in flight at an endpoint; dropping it counts the request

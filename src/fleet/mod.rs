@@ -17,14 +17,13 @@ mod discovery;
 mod endpoint;
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use ipnet::IpNet;
+use metrics::Counter;
 use tokio::time::{timeout, MissedTickBehavior};
 
 pub use balance::{Pick, RoleSet};
@@ -32,6 +31,7 @@ pub use discovery::{is_own_address, Resolve, SystemResolver};
 pub use endpoint::{Clock, Endpoint, InFlight, Role};
 
 use crate::config::{FleetConfig, Target};
+use crate::metrics::{EndpointSeries, Metrics};
 use crate::upstream::{self, HttpClient};
 
 /// A DNS answer larger than this is cut: every endpoint costs a health
@@ -72,7 +72,7 @@ pub struct Fleet {
     answers: Mutex<[Vec<Vec<IpAddr>>; 2]>,
     /// Failed resolutions in a row, per target (same order).
     failures: Mutex<[Vec<u32>; 2]>,
-    discovery_errors: AtomicU64,
+    discovery_errors: Counter,
     /// `--allowed-prefillers`.
     allowed_prefillers: Vec<IpNet>,
     /// Prefillers outside the fleet named by `x-prefiller-host-port`.
@@ -88,6 +88,7 @@ impl Fleet {
         own: &[SocketAddr],
         resolver: Arc<dyn Resolve>,
         client: HttpClient,
+        metrics: &Metrics,
     ) -> Arc<Self> {
         let clock = Clock::new();
         let literal = |targets: &[Target]| -> Vec<Vec<IpAddr>> {
@@ -113,12 +114,16 @@ impl Fleet {
             health_interval: config.health_interval,
             health_timeout: config.health_timeout,
             own: own.to_vec(),
-            discovery_errors: AtomicU64::new(0),
+            discovery_errors: metrics.discovery_errors(),
             allowed_prefillers: config.allowed_prefillers.clone(),
             vouched: Mutex::new(HashMap::new()),
         };
         fleet.rebuild(Role::Prefiller);
         fleet.rebuild(Role::Decoder);
+        for role in [Role::Prefiller, Role::Decoder] {
+            // Shown from zero, before the first panic pick.
+            let _ = metrics.panic_picks(role);
+        }
         Arc::new(fleet)
     }
 
@@ -219,12 +224,12 @@ impl Fleet {
                 Some(ips)
             }
             Ok(Err(e)) => {
-                self.discovery_errors.fetch_add(1, Ordering::Relaxed);
+                self.discovery_errors.increment(1);
                 tracing::warn!(host = %target.host, error = %e, "resolution failed; keeping the last answer");
                 None
             }
             Err(_) => {
-                self.discovery_errors.fetch_add(1, Ordering::Relaxed);
+                self.discovery_errors.increment(1);
                 tracing::warn!(host = %target.host, "resolution timed out; keeping the last answer");
                 None
             }
@@ -420,73 +425,17 @@ impl Fleet {
         [self.prefillers.counts(), self.decoders.counts()]
     }
 
-    /// The per-endpoint series, rendered from the live set so that an
-    /// endpoint gone from DNS leaves the page (bounded label sets).
-    pub fn render_metrics(&self, out: &mut String) {
-        let sets = [self.prefillers.snapshot(), self.decoders.snapshot()];
-        let stats: Vec<_> = sets
-            .iter()
-            .flat_map(|s| s.iter())
-            .map(|e| (e.role.as_str(), e.authority.as_str(), e.stats()))
-            .collect();
-        let families: [Family; 5] = [
-            (
-                crate::metrics::ENDPOINT_HEALTHY,
-                "gauge",
-                "1 while the endpoint takes requests (health checks pass, not ejected).",
-                |s| s.healthy as u64,
-            ),
-            (
-                crate::metrics::ENDPOINT_IN_FLIGHT,
-                "gauge",
-                "Requests this proxy has in flight at the endpoint.",
-                |s| s.in_flight as u64,
-            ),
-            (
-                crate::metrics::ENDPOINT_REQUESTS,
-                "counter",
-                "Requests sent to the endpoint, retries included.",
-                |s| s.requests,
-            ),
-            (
-                crate::metrics::ENDPOINT_EJECTIONS,
-                "counter",
-                "Times the endpoint was taken out of rotation (health checks or failed requests).",
-                |s| s.ejections,
-            ),
-            (
-                crate::metrics::ENDPOINT_RETRIES,
-                "counter",
-                "Requests that failed at the endpoint and were tried on another.",
-                |s| s.retries,
-            ),
-        ];
-        for (name, kind, help, value) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (role, endpoint, s) in &stats {
-                let _ = writeln!(
-                    out,
-                    "{name}{{role=\"{role}\",endpoint=\"{endpoint}\"}} {}",
-                    value(s)
-                );
+    /// The per-endpoint series, written from the live set at each render
+    /// so that an endpoint gone from DNS leaves the page (bounded label
+    /// sets).
+    pub fn write_metrics(&self, series: &EndpointSeries) {
+        for set in [self.prefillers.snapshot(), self.decoders.snapshot()] {
+            for endpoint in set.iter() {
+                series.endpoint(endpoint.stats());
             }
         }
-        let name = crate::metrics::DISCOVERY_ERRORS;
-        let _ = writeln!(
-            out,
-            "# HELP {name} DNS resolutions of upstream hosts that failed or timed out.\n# TYPE {name} counter\n{name} {}",
-            self.discovery_errors.load(Ordering::Relaxed)
-        );
     }
 }
-
-/// A per-endpoint metric: name, type, help, and its value.
-type Family = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&endpoint::Stats) -> u64,
-);
 
 /// Resolves every target once and refuses any that is one of the proxy's
 /// own listening addresses: a proxy that forwards to itself recurses until
