@@ -271,19 +271,37 @@ pub async fn handle(
             );
         }
     };
-    let metrics = &app.metrics;
-    metrics.telemetry_event(&payload.event);
+    app.metrics.telemetry_event(&payload.event);
     let total = payload.request_ids.len();
     if payload.event != STORE_FINISHED {
         tracing::debug!(event = %payload.event, "ignoring telemetry event");
         return reply(0, total);
     }
-    let ids = app.ids();
     // Sent by a replica that found these ids were not its own: they are
     // never sent on again, whatever they say.
     let forwarded_in = headers.contains_key(&FORWARDED_HEADER);
-    let mut remote: Vec<(SocketAddr, Vec<&str>)> = Vec::new();
-    let mut notified = 0;
+    let delivered = deliver(app, &payload, forwarded_in);
+    forward(&intake, &body, &payload, delivered.remote, received);
+    reply(delivered.notified, total)
+}
+
+/// What became of an event's ids here.
+struct Delivered<'a> {
+    /// Ids of parked requests of this replica the event counted for.
+    notified: usize,
+    /// Ids of other replicas' requests, grouped by owner.
+    remote: Vec<(SocketAddr, Vec<&'a str>)>,
+}
+
+/// Records the event for each of its ids that names a request parked here,
+/// and groups the ids that name another replica's by their owner.
+fn deliver<'a>(app: &App, payload: &'a Event<'a>, forwarded_in: bool) -> Delivered<'a> {
+    let metrics = &app.metrics;
+    let ids = app.ids();
+    let mut delivered = Delivered {
+        notified: 0,
+        remote: Vec::new(),
+    };
     let mut world_size_raised = false;
     for engine_id in &payload.request_ids {
         let engine_id: &str = engine_id;
@@ -300,9 +318,9 @@ pub async fn handle(
                 if forwarded_in {
                     metrics.forwarded(ForwardOutcome::Misrouted, 1);
                 } else {
-                    match remote.iter_mut().find(|(o, _)| *o == owner) {
+                    match delivered.remote.iter_mut().find(|(o, _)| *o == owner) {
                         Some((_, group)) => group.push(engine_id),
-                        None => remote.push((owner, vec![engine_id])),
+                        None => delivered.remote.push((owner, vec![engine_id])),
                     }
                 }
                 continue;
@@ -331,7 +349,7 @@ pub async fn handle(
                 }
             }
             Recorded::Partial | Recorded::Duplicate | Recorded::Ready => {
-                notified += 1;
+                delivered.notified += 1;
                 tracing::debug!(%engine_id, rank = payload.kv_rank, ?outcome, "telemetry");
             }
         }
@@ -339,9 +357,20 @@ pub async fn handle(
     if world_size_raised {
         metrics.telemetry_refused(TelemetryRefusal::WorldSize);
     }
-    // An event all of whose ids are one owner's (LMCache posts one event
-    // per request) goes on as it came, if it is no bigger than such an
-    // event: padding must not ride along.
+    delivered
+}
+
+/// Hands each owner's ids to the forwarder. An event all of whose ids are
+/// one owner's (LMCache posts one event per request) goes on as it came,
+/// if it is no bigger than such an event: padding must not ride along.
+fn forward(
+    intake: &Intake,
+    body: &Bytes,
+    payload: &Event<'_>,
+    remote: Vec<(SocketAddr, Vec<&str>)>,
+    received: Instant,
+) {
+    let total = payload.request_ids.len();
     let whole = remote.len() == 1 && remote[0].1.len() == total && body.len() <= VERBATIM_MAX;
     for (owner, group) in remote {
         let body = if whole {
@@ -356,7 +385,7 @@ pub async fn handle(
             });
             Bytes::from(event.to_string())
         };
-        app.forwarder.send(Job {
+        intake.app.forwarder.send(Job {
             owner,
             ids: group.len(),
             body,
@@ -364,7 +393,6 @@ pub async fn handle(
             token: intake.forward_token.clone(),
         });
     }
-    reply(notified, total)
 }
 
 /// The body, whole, within [`MAX_EVENT_BYTES`] and `wait`.
