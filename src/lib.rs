@@ -17,7 +17,8 @@
 //! reached an engine moves to another prefiller.
 //!
 //! The decoder finds the prompt's KV in LMCache and skips the prefill. The
-//! request path reads top to bottom in `proxy.rs`.
+//! request path is the phase list of `proxy::run` (`proxy/mod.rs`);
+//! ARCHITECTURE.md walks one request through the rooms.
 
 pub mod app;
 pub mod auth;
