@@ -65,7 +65,6 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
 const PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
 
 const CHAT_64: &[u8] = br#"{"model":"sim-model","messages":[{"role":"user","content":"Explain how KV cache reuse helps long-context serving."}],"max_tokens":64,"stream":true}"#;
@@ -395,7 +394,7 @@ impl Stack {
         let (pp, dp, api, tel) = (free_port(), free_port(), free_port(), free_port());
         let sim = Proc::spawn_on(
             sim_cpus().as_deref(),
-            SIM,
+            pd_sim::binary(),
             &sim_args(pp, dp, tel, sim_flags),
         );
         let (pp_s, dp_s) = (pp.to_string(), dp.to_string());
@@ -958,7 +957,11 @@ async fn scenario_f(
     for _ in 0..3 {
         let (pp, dp) = (free_port(), free_port());
         let args = sim_args(pp, dp, tel, &["--prefill-delay-ms", &F_PREFILL.to_string()]);
-        sims.push((Proc::spawn_on(sim_cpus().as_deref(), SIM, &args), pp, dp));
+        sims.push((
+            Proc::spawn_on(sim_cpus().as_deref(), pd_sim::binary(), &args),
+            pp,
+            dp,
+        ));
     }
     let ports =
         |ps: &mut dyn Iterator<Item = u16>| ps.map(|p| p.to_string()).collect::<Vec<_>>().join(",");
@@ -1616,7 +1619,11 @@ async fn scenario_r(
         return Vec::new();
     }
     let (pp, dp, lb) = (free_port(), free_port(), free_port());
-    let sim = Proc::spawn_on(sim_cpus().as_deref(), SIM, &sim_args(pp, dp, lb, &[]));
+    let sim = Proc::spawn_on(
+        sim_cpus().as_deref(),
+        pd_sim::binary(),
+        &sim_args(pp, dp, lb, &[]),
+    );
     let (pp_s, dp_s) = (pp.to_string(), dp.to_string());
     let (mut replicas, mut apis, mut telemetry) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..R_REPLICAS {

@@ -32,7 +32,6 @@ pub mod owner;
 pub mod pending;
 pub mod proxy;
 pub mod server;
-pub mod sim;
 pub mod telemetry;
 pub mod tokens;
 pub mod trace;

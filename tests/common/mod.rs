@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use pd_proxy::sim::{Sim, SimConfig};
 use pd_proxy::{App, Args, Config, Listeners};
+use pd_sim::{Sim, SimConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
