@@ -11,11 +11,16 @@ use std::sync::OnceLock;
 
 /// The pd-sim executable of the calling test's or bench's build:
 /// `target/debug/pd-sim` under `cargo test`, `target/release/pd-sim`
-/// under `cargo bench`, built first. Panics, naming the command to run,
-/// where it can be neither built nor found.
+/// under `cargo bench`, built first. `PD_SIM_BIN` names another one
+/// instead, and nothing is built: for a bench binary carried to another
+/// host without cargo. Panics, naming the command to run, where it can be
+/// neither built nor found.
 pub fn binary() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(build)
+    PATH.get_or_init(|| match std::env::var("PD_SIM_BIN") {
+        Ok(path) if !path.is_empty() => path,
+        _ => build(),
+    })
 }
 
 fn build() -> String {
@@ -23,8 +28,14 @@ fn build() -> String {
     // Cargo runs tests and benches as TARGET/PROFILE_DIR/deps/NAME-HASH.
     let profile_dir = exe
         .parent()
+        .filter(|deps| deps.ends_with("deps"))
         .and_then(Path::parent)
-        .unwrap_or_else(|| panic!("{} is not in a cargo target directory", exe.display()));
+        .unwrap_or_else(|| {
+            panic!(
+                "{} is not in a cargo target directory: set PD_SIM_BIN to a pd-sim binary",
+                exe.display()
+            )
+        });
     let target_dir = profile_dir.parent().unwrap_or(profile_dir);
     let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => "dev",
@@ -53,7 +64,7 @@ fn build() -> String {
     }
     assert!(
         bin.is_file(),
-        "no pd-sim at {}: run `{command}` at the repository root",
+        "no pd-sim at {}: run `{command}` at the repository root, or set PD_SIM_BIN",
         bin.display()
     );
     bin.into_os_string()
