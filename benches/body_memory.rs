@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use pd_proxy::openai::{Api, ClientRequest};
 
-const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
 const PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
 const MIB: usize = 1 << 20;
 
@@ -154,7 +153,7 @@ fn proxy_peak(case: &Case) -> (u64, u16, String) {
         format!("http://127.0.0.1:{tel}/api/v1/telemetry"),
     ]
     .to_vec();
-    let _sim = Proc::spawn(SIM, &sim_args);
+    let _sim = Proc::spawn(pd_sim::binary(), &sim_args);
     let proxy_args: Vec<String> = [
         "--host",
         "127.0.0.1",

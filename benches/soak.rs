@@ -9,9 +9,9 @@
 //! `cargo bench --bench soak -- --minutes 10` (the default; `--minutes 1`
 //! for a smoke run). Other options: `--clients N` (48), `--fault-rate R`
 //! (0.1, per request and engine), `--seed S`. The release `pd-sim` and
-//! `pd-proxy` come from the same cargo invocation (`CARGO_BIN_EXE_*`, as
-//! in `benches/load.rs`); `PD_SOAK_PROXY` / `PD_SOAK_SIM` name other
-//! binaries instead.
+//! `pd-proxy` come from the same cargo invocation (`CARGO_BIN_EXE_pd-proxy`
+//! and `pd_sim::binary()`, as in `benches/load/`); `PD_SOAK_PROXY` /
+//! `PD_SOAK_SIM` name other binaries instead.
 //!
 //! The stack: two pd-sim processes (each a prefiller and a decoder, world
 //! size 2, `--fault-rate` drawing every pd-sim fault) behind one pd-proxy
@@ -171,7 +171,7 @@ impl SimSpec {
     }
 
     fn spawn(&self) -> Proc {
-        let bin = bin("PD_SOAK_SIM", env!("CARGO_BIN_EXE_pd-sim"));
+        let bin = bin("PD_SOAK_SIM", pd_sim::binary());
         Proc(
             Command::new(&bin)
                 .args(&self.args)

@@ -19,7 +19,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 
-const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
 const PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
 const CLIENTS: usize = 64;
 
@@ -71,7 +70,7 @@ struct Run {
 async fn run(otlp: Option<SocketAddr>, secs: u64) -> Run {
     let (pp, dp, api, tel) = (free_port(), free_port(), free_port(), free_port());
     let _sim = Proc::spawn(
-        SIM,
+        pd_sim::binary(),
         &[
             "--prefiller-port".into(),
             pp.to_string(),

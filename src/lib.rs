@@ -34,7 +34,6 @@ pub mod pending;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;
-pub mod sim;
 pub mod telemetry;
 pub mod tokens;
 pub mod trace;

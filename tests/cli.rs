@@ -204,7 +204,7 @@ fn proxy_args(port: u16, telemetry: u16, upstream: (u16, u16), extra: &[&str]) -
 /// pd-sim's prefiller and decoder on `upstream`, posting telemetry to
 /// `telemetry`, with `extra` flags.
 fn spawn_sim(upstream: (u16, u16), telemetry: u16, extra: &[&str]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_pd-sim"))
+    Command::new(pd_sim::binary())
         .args([
             "--prefiller-port",
             &upstream.0.to_string(),

@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::{chat_body, start};
-use pd_proxy::sim::SimConfig;
+use pd_sim::SimConfig;
 use serde_json::Value;
 
 /// Series names, each with the label names seen on it, from an exposition.

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use pd_proxy::sim::SimConfig;
+use pd_sim::SimConfig;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

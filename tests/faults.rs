@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{assert_openai_error, bind, chat_body, metric_value, sse_data, start, start_with};
-use pd_proxy::sim::SimConfig;
+use pd_sim::SimConfig;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -565,7 +565,7 @@ async fn a_second_signal_ends_the_drain_at_once() {
     let public = bind().await;
     let telemetry = bind().await;
     let url = format!("http://{}", public.local_addr().unwrap());
-    let sim = pd_proxy::sim::Sim::new(SimConfig {
+    let sim = pd_sim::Sim::new(SimConfig {
         telemetry_url: Some(format!(
             "http://{}/api/v1/telemetry",
             telemetry.local_addr().unwrap()

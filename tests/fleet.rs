@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pd_proxy::fleet::Resolve;
-use pd_proxy::sim::{Running, Sim, SimConfig};
 use pd_proxy::App;
+use pd_sim::{Running, Sim, SimConfig};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;

@@ -24,7 +24,6 @@ use common::{chat_body, forwarded, metric_value, sse_data};
 use serde_json::{json, Value};
 
 const PD_PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
-const PD_SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
 const HAPROXY: &str = "/usr/sbin/haproxy";
 /// Reaches the replicas through the environment only, never argv.
 const KEY: &str = "haproxy test cluster key, 32 b!!";
@@ -295,7 +294,7 @@ async fn three_replicas_behind_haproxy_release_every_request_by_telemetry() {
     // pd-sim: one prefiller and one decoder, telemetry to HAProxy.
     let sim = procs.spawn(
         "pd-sim",
-        Command::new(PD_SIM)
+        Command::new(pd_sim::binary())
             .args(["--host", "127.0.0.1", "--prefiller-port", "0"])
             .args(["--decoder-port", "0", "--telemetry-url"])
             .arg(format!("http://127.0.0.1:{lb_port}/api/v1/telemetry"))

@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use common::{chat_body, forwarded, get_text, metric_value};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_pd-proxy");
-const SIM: &str = env!("CARGO_BIN_EXE_pd-sim");
 const KEY: &str = "a netns test cluster key, 32 b!!";
 
 /// Every namespace has its own ports: the same ones everywhere, as pods.
@@ -338,7 +337,12 @@ async fn replicas_in_their_own_namespaces_forward_telemetry_to_each_other() {
     ]
     .map(String::from)
     .to_vec();
-    net.spawn("sim", SIM, &sim_args, &[("RUST_LOG", "warn".into())]);
+    net.spawn(
+        "sim",
+        pd_sim::binary(),
+        &sim_args,
+        &[("RUST_LOG", "warn".into())],
+    );
     for (i, ip) in replica_ips.iter().enumerate() {
         let args: Vec<String> = [
             // Not concrete: the ids must name $POD_IP.

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{chat_body, start};
-use pd_proxy::sim::SimConfig;
+use pd_sim::SimConfig;
 use serde_json::Value;
 
 const PROMTOOL: &str = "/usr/bin/promtool";

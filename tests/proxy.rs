@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
-use pd_proxy::sim::SimConfig;
+use pd_sim::SimConfig;
 use serde_json::{json, Value};
 
 #[tokio::test]

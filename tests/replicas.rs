@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pd_proxy::sim::{Sim, SimConfig};
 use pd_proxy::App;
+use pd_sim::{Sim, SimConfig};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 

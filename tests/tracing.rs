@@ -13,7 +13,7 @@ use axum::routing::post;
 use common::{chat_body, start, wait_until};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use pd_proxy::sim::SimConfig;
+use pd_sim::SimConfig;
 use prost::Message;
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -31,7 +31,7 @@ fn parts(value: &str) -> (String, String) {
     (fields[1].to_owned(), fields[2].to_owned())
 }
 
-fn traceparents(recorded: &[pd_proxy::sim::Recorded]) -> Vec<String> {
+fn traceparents(recorded: &[pd_sim::Recorded]) -> Vec<String> {
     recorded
         .iter()
         .map(|r| {

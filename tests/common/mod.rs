@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use pd_proxy::fleet::Resolve;
-use pd_proxy::sim::{Sim, SimConfig};
 use pd_proxy::{App, Args, Bound, Config, Listeners};
+use pd_sim::{Sim, SimConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 

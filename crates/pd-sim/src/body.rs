@@ -15,9 +15,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
-use super::render;
-use super::request::{Kind, Plan};
-use super::{Posting, Sim};
+use crate::posting::Posting;
+use crate::render;
+use crate::request::{Kind, Plan};
+use crate::Sim;
 
 pub(crate) async fn sleep_if(d: Duration) {
     if !d.is_zero() {

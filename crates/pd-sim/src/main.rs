@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use pd_proxy::sim::{Fault, Faults, Sim, SimConfig};
+use pd_sim::{Fault, Faults, Sim, SimConfig};
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
@@ -147,7 +147,7 @@ impl Args {
 }
 
 async fn bind(host: &str, port: u16, role: &str) -> Result<(TcpListener, SocketAddr), String> {
-    let listener = pd_proxy::bind(host, port)
+    let listener = pd_sim::bind(host, port)
         .await
         .map_err(|e| format!("cannot bind {role} on {host}:{port}: {e}"))?;
     let addr = listener

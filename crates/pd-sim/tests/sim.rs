@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
-use pd_proxy::sim::{Sim, SimConfig, TelemetryPost};
+use pd_sim::{Sim, SimConfig, TelemetryPost};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;

@@ -195,7 +195,37 @@ pub(crate) fn parse(
     };
 
     let stream = opt_bool(&obj, "stream")?.unwrap_or(false);
-    let include_usage = match obj.get("stream_options") {
+    let include_usage = include_usage(&obj, stream)?;
+    let prompt_tokens = match kind {
+        Kind::Chat => vec![chat_prompt_tokens(&obj)?],
+        Kind::Completions => completion_prompt_tokens(&obj)?,
+    };
+    let body_id = body_request_id(&obj)?;
+    check_model(&obj, model)?;
+    let max_tokens = max_tokens(&obj, default_tokens)?;
+
+    let base_id = header_id
+        .or(body_id)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    let response_id = match kind {
+        Kind::Chat => format!("chatcmpl-{base_id}"),
+        Kind::Completions => format!("cmpl-{base_id}"),
+    };
+    Ok(Plan {
+        kind,
+        base_id,
+        response_id,
+        created: unix_now(),
+        prompt_tokens,
+        max_tokens,
+        stream,
+        include_usage,
+    })
+}
+
+/// `stream_options.include_usage`, which vLLM only takes on a stream.
+fn include_usage(obj: &Map<String, Value>, stream: bool) -> Result<bool, ApiError> {
+    Ok(match obj.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(_) if !stream => {
             return Err(ApiError::schema(
@@ -212,14 +242,12 @@ pub(crate) fn parse(
                 "Input should be a valid dictionary",
             ))
         }
-    };
+    })
+}
 
-    let prompt_tokens = match kind {
-        Kind::Chat => vec![chat_prompt_tokens(&obj)?],
-        Kind::Completions => completion_prompt_tokens(&obj)?,
-    };
-
-    let body_id = match obj.get("request_id") {
+/// The body's own `request_id`, which vLLM uses when no header gives one.
+fn body_request_id(obj: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+    Ok(match obj.get("request_id") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => {
@@ -229,8 +257,11 @@ pub(crate) fn parse(
                 "Input should be a valid string",
             ))
         }
-    };
+    })
+}
 
+/// vLLM's 404 for a model it does not serve; no model means its own.
+fn check_model(obj: &Map<String, Value>, model: &str) -> Result<(), ApiError> {
     match obj.get("model") {
         None | Some(Value::Null) => {}
         Some(Value::String(m)) if m == model => {}
@@ -250,9 +281,14 @@ pub(crate) fn parse(
             ))
         }
     }
+    Ok(())
+}
 
-    let max_tokens = opt_int(&obj, "max_tokens")?;
-    let max_completion_tokens = opt_int(&obj, "max_completion_tokens")?;
+/// The tokens to generate: `max_completion_tokens` or `max_tokens`,
+/// within vLLM's bounds and above `min_tokens`, else `default_tokens`.
+fn max_tokens(obj: &Map<String, Value>, default_tokens: u32) -> Result<u32, ApiError> {
+    let max_tokens = opt_int(obj, "max_tokens")?;
+    let max_completion_tokens = opt_int(obj, "max_completion_tokens")?;
     for value in [max_tokens, max_completion_tokens].into_iter().flatten() {
         if value < 1 {
             return Err(ApiError::bad_request(
@@ -274,7 +310,7 @@ pub(crate) fn parse(
     }
     // vLLM's chat endpoint prefers the newer name when both are given.
     let requested = max_completion_tokens.or(max_tokens);
-    let min_tokens = opt_int(&obj, "min_tokens")?;
+    let min_tokens = opt_int(obj, "min_tokens")?;
     if let Some(min) = min_tokens {
         if min < 0 {
             return Err(ApiError::bad_request(
@@ -299,27 +335,9 @@ pub(crate) fn parse(
     }
     // Both bounds were checked against MAX_MODEL_LEN or u32 above, so the
     // conversions cannot truncate.
-    let max_tokens = match requested {
+    Ok(match requested {
         Some(n) => n as u32,
         None => default_tokens.max(min_tokens.unwrap_or(0).min(MAX_MODEL_LEN as i64) as u32),
-    };
-
-    let base_id = header_id
-        .or(body_id)
-        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
-    let response_id = match kind {
-        Kind::Chat => format!("chatcmpl-{base_id}"),
-        Kind::Completions => format!("cmpl-{base_id}"),
-    };
-    Ok(Plan {
-        kind,
-        base_id,
-        response_id,
-        created: unix_now(),
-        prompt_tokens,
-        max_tokens,
-        stream,
-        include_usage,
     })
 }
 

@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::request::{Kind, Plan};
+use crate::request::{Kind, Plan};
 
 /// The SSE terminator every vLLM stream ends with.
 pub(crate) const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -415,7 +415,7 @@ pub(crate) fn models(model: &str, created: u64) -> Bytes {
             owned_by: "vllm",
             root: model,
             parent: (),
-            max_model_len: super::request::MAX_MODEL_LEN,
+            max_model_len: crate::request::MAX_MODEL_LEN,
             permission: [Permission {
                 id: format!("modelperm-{:016x}", rand::random::<u64>()),
                 object: "model_permission",
