@@ -56,9 +56,9 @@ pub struct Watch<B> {
     /// byte's, bounded by the relay phase: a request queued in the engine
     /// may take long to start, and that is not a stall.
     last_frame: Option<Instant>,
-    /// Armed the first time the stream waits after a frame, moved on by
-    /// every frame since. Boxed and made on demand: most streams never
-    /// wait long enough to need one polled.
+    /// Armed the first time the stream waits after a frame; moved on to
+    /// the latest frame's deadline only when it fires. Boxed and made on
+    /// demand: a stream that never waits needs none.
     idle: Option<Pin<Box<Sleep>>>,
     cut: CancellationToken,
     cut_wait: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
@@ -83,19 +83,18 @@ impl<B> Watch<B> {
     fn poll_break<E>(&mut self, cx: &mut Context<'_>) -> Poll<Break<E>> {
         if let Some(since) = self.last_frame {
             let deadline = since + self.idle_limit;
-            let idle = match &mut self.idle {
-                Some(sleep) => {
-                    if sleep.deadline() != deadline {
-                        sleep.as_mut().reset(deadline);
-                    }
-                    sleep
+            // Frames move the deadline on without touching the timer: the
+            // sleep is moved only when it fires before the deadline of the
+            // latest frame. Moved on every frame, it would be registered
+            // with the timer wheel again for each.
+            let idle = self
+                .idle
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            while idle.as_mut().poll(cx).is_ready() {
+                if idle.deadline() >= deadline {
+                    return Poll::Ready(Break::Idle(self.idle_limit));
                 }
-                None => self
-                    .idle
-                    .insert(Box::pin(tokio::time::sleep_until(deadline))),
-            };
-            if idle.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Break::Idle(self.idle_limit));
+                idle.as_mut().reset(deadline);
             }
         }
         let cut = self
