@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::shutdown::Reached;
 use axum::extract::State;
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
@@ -22,7 +23,6 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio_stream::{Stream, StreamExt};
-use tokio_util::sync::WaitForCancellationFuture;
 
 use crate::app::{App, Bound};
 use crate::conn::{self, Activity, GuardedIo, Slots, Tracked};
@@ -394,12 +394,12 @@ impl Port {
     }
 
     /// Ready once this port is to stop.
-    fn stopped(&self) -> WaitForCancellationFuture<'_> {
+    fn stopped(&self) -> Reached<'_> {
         self.app.shutdown.reached(self.stop)
     }
 
     /// Ready once its connections are to be dropped.
-    fn killed(&self) -> WaitForCancellationFuture<'_> {
+    fn killed(&self) -> Reached<'_> {
         self.app.shutdown.reached(Stage::Kill)
     }
 }

@@ -2,9 +2,13 @@
 //! each port, connection and request waits for the stage that concerns
 //! it, reading the same value rather than a channel handed down to it.
 
-use tokio_util::sync::{
-    CancellationToken, DropGuard, WaitForCancellationFuture, WaitForCancellationFutureOwned,
-};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// A stage of a shutdown. `serve` begins them in this order; `Cut` only
 /// when requests are still running as the drain ends, and a port that
@@ -29,30 +33,44 @@ pub enum Stage {
 /// reaches the cut through the state it already has.
 #[derive(Debug, Default)]
 pub struct Shutdown {
+    inner: Arc<Stages>,
+}
+
+#[derive(Debug, Default)]
+struct Stages {
     /// One token per [`Stage`], in its order.
-    stages: [CancellationToken; 4],
+    tokens: [CancellationToken; 4],
+    /// Whether each stage has begun: read without a lock on every poll of
+    /// a wait (a token's own check takes its mutex, and every connection
+    /// polls two waits at each wake-up).
+    begun: [AtomicBool; 4],
+}
+
+impl Stages {
+    fn begin(&self, stage: Stage) {
+        self.begun[stage as usize].store(true, Ordering::Release);
+        self.tokens[stage as usize].cancel();
+    }
 }
 
 impl Shutdown {
     fn token(&self, stage: Stage) -> &CancellationToken {
-        &self.stages[stage as usize]
+        &self.inner.tokens[stage as usize]
     }
 
     /// Begins `stage`; every wait for it ends. Beginning it again does
     /// nothing.
     pub fn begin(&self, stage: Stage) {
-        self.token(stage).cancel();
+        self.inner.begin(stage);
     }
 
     /// Ready once `stage` has begun (at once if it already has).
-    pub fn reached(&self, stage: Stage) -> WaitForCancellationFuture<'_> {
-        self.token(stage).cancelled()
-    }
-
-    /// [`Shutdown::reached`] for a future that must own its wait, as a
-    /// response body polled after its handler returned does.
-    pub fn reached_owned(&self, stage: Stage) -> WaitForCancellationFutureOwned {
-        self.token(stage).clone().cancelled_owned()
+    pub fn reached(&self, stage: Stage) -> Reached<'_> {
+        Reached {
+            begun: &self.inner.begun[stage as usize],
+            wait: self.token(stage).cancelled(),
+            waker: None,
+        }
     }
 
     /// A handle on `stage` to wait on later: a relayed body keeps it and
@@ -62,19 +80,63 @@ impl Shutdown {
     }
 
     pub fn has_reached(&self, stage: Stage) -> bool {
-        self.token(stage).is_cancelled()
+        self.inner.begun[stage as usize].load(Ordering::Acquire)
     }
 
     /// Begins [`Stage::Kill`] when dropped: a `serve` that is itself
     /// dropped (its task aborted) drops its connections too, as one that
     /// returns does.
-    pub fn kill_on_drop(&self) -> DropGuard {
-        self.token(Stage::Kill).clone().drop_guard()
+    pub fn kill_on_drop(&self) -> KillOnDrop {
+        KillOnDrop(Arc::clone(&self.inner))
+    }
+}
+
+pub struct KillOnDrop(Arc<Stages>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.0.begin(Stage::Kill);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A wait for a stage. Polled again by the task it last registered,
+    /// it reads the stage's flag and nothing else: the token's wait is
+    /// polled only to register a waker.
+    pub struct Reached<'a> {
+        begun: &'a AtomicBool,
+        #[pin]
+        wait: WaitForCancellationFuture<'a>,
+        waker: Option<Waker>,
+    }
+}
+
+impl Future for Reached<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        // `begin` sets the flag before it wakes the waiters, so a woken
+        // task sees it.
+        if this.begun.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        let polled = this.wait.poll(cx);
+        if polled.is_pending() {
+            *this.waker = Some(cx.waker().clone());
+        }
+        polled
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
     use super::*;
 
     #[tokio::test]
@@ -84,11 +146,37 @@ mod tests {
         shutdown.reached(Stage::StopApi).await;
         assert!(!shutdown.has_reached(Stage::Cut));
         assert!(!shutdown.has_reached(Stage::Kill));
-        let cut = shutdown.reached_owned(Stage::Cut);
+        let cut = shutdown.handle(Stage::Cut).cancelled_owned();
         shutdown.begin(Stage::Cut);
         cut.await;
         drop(shutdown.kill_on_drop());
         assert!(shutdown.has_reached(Stage::Kill));
         assert!(!shutdown.has_reached(Stage::StopTelemetry));
+    }
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_wait_polled_again_by_its_task_is_still_woken_by_begin() {
+        let shutdown = Shutdown::default();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let mut wait = std::pin::pin!(shutdown.reached(Stage::Kill));
+        for _ in 0..3 {
+            assert!(wait.as_mut().poll(&mut cx).is_pending());
+        }
+        shutdown.begin(Stage::Kill);
+        assert_eq!(count.0.load(Ordering::Relaxed), 1, "woken once");
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
+        // A wait made after the stage began is ready at once.
+        let mut late = std::pin::pin!(shutdown.reached(Stage::Kill));
+        assert!(late.as_mut().poll(&mut cx).is_ready());
     }
 }
