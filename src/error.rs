@@ -248,7 +248,6 @@ impl UpstreamError {
     /// Classifies a failed call of the HTTP client: a connect error, a
     /// connection that closed before any answer, or anything else.
     pub fn from_client(leg: Leg, endpoint: &str, err: hyper_util::client::legacy::Error) -> Self {
-        use std::error::Error as _;
         let kind = if err.is_connect() {
             UpstreamKind::Connect
         } else if closed_before_answer(&err) {
@@ -256,12 +255,7 @@ impl UpstreamError {
         } else {
             UpstreamKind::Broken
         };
-        UpstreamError::new(leg, endpoint, kind).with_source(ClientError {
-            detail: match err.source() {
-                Some(source) => format!("{err}: {source}"),
-                None => err.to_string(),
-            },
-        })
+        UpstreamError::new(leg, endpoint, kind).with_source(err)
     }
 
     /// Another endpoint may take the request over: it never reached an
@@ -293,7 +287,11 @@ impl UpstreamError {
     pub fn why(&self) -> String {
         match (&self.kind, &self.source) {
             (UpstreamKind::Status { status, .. }, _) => format!("answered {status}"),
-            (_, Some(source)) => source.to_string(),
+            (_, Some(source)) => {
+                let mut why = String::new();
+                let _ = write_chain(&mut why, source.as_ref());
+                why.trim_start_matches(": ").to_owned()
+            }
             (kind, None) => format!("{kind:?}"),
         }
     }
@@ -315,7 +313,10 @@ impl std::fmt::Display for UpstreamError {
                 write!(f, "{endpoint} answered {status}: {said}")
             }
             (UpstreamKind::NoEndpoint, _) => f.write_str("no upstream is known yet"),
-            (_, Some(source)) => write!(f, "{endpoint}: {source}"),
+            (_, Some(source)) => {
+                write!(f, "{endpoint}")?;
+                write_chain(f, source.as_ref())
+            }
             (kind, None) => write!(f, "{endpoint}: {kind:?}"),
         }
     }
@@ -363,10 +364,74 @@ fn closed_before_answer(err: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
-/// The client's error as text: hyper-util's errors are not `Sync`, and
-/// the cause chain is only ever read by the log.
-#[derive(Debug, thiserror::Error)]
-#[error("{detail}")]
-struct ClientError {
-    detail: String,
+/// Writes `: cause` for an error and each of its sources, so a log line
+/// says what hyper-util said and what the OS said under it.
+fn write_chain(
+    out: &mut impl std::fmt::Write,
+    err: &(dyn std::error::Error + 'static),
+) -> std::fmt::Result {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        write!(out, ": {e}")?;
+        cause = e.source();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_retryable_connect_error_with_its_cause() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let uri: http::Uri = format!("http://{addr}/health").parse().unwrap();
+        let err = crate::upstream::client()
+            .request(crate::upstream::get(&uri, None))
+            .await
+            .unwrap_err();
+        let err = UpstreamError::from_client(Leg::Prefill, &addr.to_string(), err);
+        assert_eq!(err.kind, UpstreamKind::Connect);
+        assert!(err.retryable() && err.never_sent() && err.endpoint_failed());
+        let text = err.to_string();
+        assert!(text.starts_with(&format!("{addr}: ")), "{text}");
+        assert!(
+            text.to_lowercase().contains("refused"),
+            "the OS's cause is kept: {text}"
+        );
+        assert!(!err.why().starts_with(':'), "{}", err.why());
+        let public = ProxyError::from(err);
+        assert_eq!(public.status(), StatusCode::BAD_GATEWAY);
+        let body = String::from_utf8(public.body().to_vec()).unwrap();
+        assert!(
+            !body.contains("127.0.0.1"),
+            "addresses stay in the log: {body}"
+        );
+    }
+
+    #[test]
+    fn only_a_503_among_answers_may_move_to_another_endpoint() {
+        let status = |code: u16| {
+            UpstreamError::new(
+                Leg::Prefill,
+                "10.0.0.1:8100",
+                UpstreamKind::Status {
+                    status: StatusCode::from_u16(code).unwrap(),
+                    said: "busy".into(),
+                },
+            )
+        };
+        assert!(status(503).retryable() && !status(503).never_sent());
+        assert!(!status(500).retryable() && status(500).endpoint_failed());
+        assert!(!status(429).endpoint_failed());
+        assert_eq!(
+            status(503).to_string(),
+            "10.0.0.1:8100 answered 503 Service Unavailable: busy"
+        );
+        assert_eq!(status(500).why(), "answered 500 Internal Server Error");
+        let broken = UpstreamError::new(Leg::Decode, "10.0.0.2:8200", UpstreamKind::Broken);
+        assert!(!broken.retryable() && !broken.endpoint_failed());
+    }
 }
