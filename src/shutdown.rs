@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::sync::{
+    CancellationToken, WaitForCancellationFuture, WaitForCancellationFutureOwned,
+};
 
 /// A stage of a shutdown. `serve` begins them in this order; `Cut` only
 /// when requests are still running as the drain ends, and a port that
@@ -75,8 +77,11 @@ impl Shutdown {
 
     /// A handle on `stage` to wait on later: a relayed body keeps it and
     /// makes its wait only if the stream ever waits.
-    pub fn handle(&self, stage: Stage) -> CancellationToken {
-        self.token(stage).clone()
+    pub fn handle(&self, stage: Stage) -> StageHandle {
+        StageHandle {
+            stages: Arc::clone(&self.inner),
+            stage,
+        }
     }
 
     pub fn has_reached(&self, stage: Stage) -> bool {
@@ -99,14 +104,43 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A stage of one shutdown, to wait for from a future that must own its
+/// wait, as a response body polled after its handler returned does.
+#[derive(Debug, Clone)]
+pub struct StageHandle {
+    stages: Arc<Stages>,
+    stage: Stage,
+}
+
+impl StageHandle {
+    pub fn reached(self) -> ReachedOwned {
+        let wait = self.stages.tokens[self.stage as usize]
+            .clone()
+            .cancelled_owned();
+        ReachedOwned {
+            handle: self,
+            wait,
+            waker: None,
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// A wait for a stage. Polled again by the task it last registered,
-    /// it reads the stage's flag and nothing else: the token's wait is
-    /// polled only to register a waker.
+    /// A wait for a stage, borrowing the shutdown.
     pub struct Reached<'a> {
         begun: &'a AtomicBool,
         #[pin]
         wait: WaitForCancellationFuture<'a>,
+        waker: Option<Waker>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A wait for a stage that owns its handle on the shutdown.
+    pub struct ReachedOwned {
+        handle: StageHandle,
+        #[pin]
+        wait: WaitForCancellationFutureOwned,
         waker: Option<Waker>,
     }
 }
@@ -116,20 +150,43 @@ impl Future for Reached<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
-        // `begin` sets the flag before it wakes the waiters, so a woken
-        // task sees it.
-        if this.begun.load(Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        if this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            return Poll::Pending;
-        }
-        let polled = this.wait.poll(cx);
-        if polled.is_pending() {
-            *this.waker = Some(cx.waker().clone());
-        }
-        polled
+        poll_stage(this.begun, this.wait, this.waker, cx)
     }
+}
+
+impl Future for ReachedOwned {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let begun = &this.handle.stages.begun[this.handle.stage as usize];
+        poll_stage(begun, this.wait, this.waker, cx)
+    }
+}
+
+/// A wait polled again by the task it last registered reads the stage's
+/// flag and nothing else: the token's wait is polled only to register a
+/// new waker. A token's own check takes its mutex, and every connection
+/// and every waiting stream polls such a wait at each wake-up.
+fn poll_stage(
+    begun: &AtomicBool,
+    wait: Pin<&mut impl Future<Output = ()>>,
+    waker: &mut Option<Waker>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    // `begin` sets the flag before it wakes the waiters, so a woken task
+    // sees it.
+    if begun.load(Ordering::Acquire) {
+        return Poll::Ready(());
+    }
+    if waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        return Poll::Pending;
+    }
+    let polled = wait.poll(cx);
+    if polled.is_pending() {
+        *waker = Some(cx.waker().clone());
+    }
+    polled
 }
 
 #[cfg(test)]
@@ -146,7 +203,7 @@ mod tests {
         shutdown.reached(Stage::StopApi).await;
         assert!(!shutdown.has_reached(Stage::Cut));
         assert!(!shutdown.has_reached(Stage::Kill));
-        let cut = shutdown.handle(Stage::Cut).cancelled_owned();
+        let cut = shutdown.handle(Stage::Cut).reached();
         shutdown.begin(Stage::Cut);
         cut.await;
         drop(shutdown.kill_on_drop());
@@ -178,5 +235,12 @@ mod tests {
         // A wait made after the stage began is ready at once.
         let mut late = std::pin::pin!(shutdown.reached(Stage::Kill));
         assert!(late.as_mut().poll(&mut cx).is_ready());
+        // The same for a wait that owns its handle.
+        let mut owned = Box::pin(shutdown.handle(Stage::Cut).reached());
+        assert!(owned.as_mut().poll(&mut cx).is_pending());
+        assert!(owned.as_mut().poll(&mut cx).is_pending());
+        shutdown.begin(Stage::Cut);
+        assert_eq!(count.0.load(Ordering::Relaxed), 2, "woken by the cut");
+        assert!(owned.as_mut().poll(&mut cx).is_ready());
     }
 }

@@ -142,19 +142,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::relay::testing::{channel, next, next_data};
+    use crate::proxy::relay::testing::{channel, next, next_data, no_cut};
     use crate::proxy::relay::watch::Watch;
     use std::time::Duration;
-    use tokio_util::sync::CancellationToken;
 
     #[tokio::test(start_paused = true)]
     async fn a_broken_stream_ends_with_an_error_event_and_done() {
         let (tx, body) = channel();
-        let mut sse = SseEnd::new(Watch::new(
-            body,
-            Duration::from_secs(5),
-            CancellationToken::new(),
-        ));
+        let mut sse = SseEnd::new(Watch::new(body, Duration::from_secs(5), no_cut()));
         tx.send(Ok(Frame::data(Bytes::from_static(
             b"data: {\"a\":1}\n\ndata: {\"b\"",
         ))))
@@ -185,11 +180,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_decoder_gets_a_504_event() {
         let (tx, body) = channel();
-        let mut sse = SseEnd::new(Watch::new(
-            body,
-            Duration::from_secs(5),
-            CancellationToken::new(),
-        ));
+        let mut sse = SseEnd::new(Watch::new(body, Duration::from_secs(5), no_cut()));
         tx.send(Ok(Frame::data(Bytes::from_static(b"data: 1\n\n"))))
             .await
             .unwrap();
@@ -208,11 +199,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn done_is_seen_across_frames_and_the_first_data_is_timed() {
         let (tx, body) = channel();
-        let mut sse: SseEnd<_, std::io::Error> = SseEnd::new(Watch::new(
-            body,
-            Duration::from_secs(5),
-            CancellationToken::new(),
-        ));
+        let mut sse: SseEnd<_, std::io::Error> =
+            SseEnd::new(Watch::new(body, Duration::from_secs(5), no_cut()));
         let started = Instant::now();
         tokio::time::advance(Duration::from_millis(30)).await;
         for part in [&b"data: {}\n\nda"[..], b"ta: [DO", b"NE]\n\n"] {

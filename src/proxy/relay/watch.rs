@@ -9,9 +9,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::shutdown::{ReachedOwned, StageHandle};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Why a stream ended before its decoder finished it.
 #[derive(Debug)]
@@ -60,14 +60,15 @@ pub struct Watch<B> {
     /// the latest frame's deadline only when it fires. Boxed and made on
     /// demand: a stream that never waits needs none.
     idle: Option<Pin<Box<Sleep>>>,
-    cut: CancellationToken,
-    cut_wait: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    cut: StageHandle,
+    /// The wait for the cut, made the first time the stream waits.
+    cut_wait: Option<Pin<Box<ReachedOwned>>>,
     /// A break was reported: the stream is over.
     ended: bool,
 }
 
 impl<B> Watch<B> {
-    pub fn new(inner: B, idle_limit: Duration, cut: CancellationToken) -> Self {
+    pub fn new(inner: B, idle_limit: Duration, cut: StageHandle) -> Self {
         Watch {
             inner,
             idle_limit,
@@ -99,7 +100,7 @@ impl<B> Watch<B> {
         }
         let cut = self
             .cut_wait
-            .get_or_insert_with(|| Box::pin(self.cut.clone().cancelled_owned()));
+            .get_or_insert_with(|| Box::pin(self.cut.clone().reached()));
         if cut.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Break::Drain);
         }
@@ -144,7 +145,8 @@ impl<B: Body + Unpin> Body for Watch<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::relay::testing::{channel, next};
+    use crate::proxy::relay::testing::{channel, next, no_cut};
+    use crate::shutdown::{Shutdown, Stage};
     use bytes::Bytes;
 
     const LIMIT: Duration = Duration::from_secs(10);
@@ -152,7 +154,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silence_after_a_frame_breaks_at_the_idle_limit() {
         let (tx, body) = channel();
-        let mut watch = Watch::new(body, LIMIT, CancellationToken::new());
+        let mut watch = Watch::new(body, LIMIT, no_cut());
         tx.send(Ok(Frame::data(Bytes::from_static(b"data: 1\n\n"))))
             .await
             .unwrap();
@@ -168,7 +170,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_frame_moves_the_idle_deadline_on() {
         let (tx, body) = channel();
-        let mut watch = Watch::new(body, LIMIT, CancellationToken::new());
+        let mut watch = Watch::new(body, LIMIT, no_cut());
         let started = Instant::now();
         for _ in 0..3 {
             tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
@@ -189,7 +191,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_first_byte_has_no_idle_limit() {
         let (tx, body) = channel();
-        let mut watch = Watch::new(body, LIMIT, CancellationToken::new());
+        let mut watch = Watch::new(body, LIMIT, no_cut());
         let waited = tokio::time::timeout(10 * LIMIT, next(&mut watch)).await;
         assert!(waited.is_err(), "still waiting for the first frame");
         drop(tx);
@@ -199,11 +201,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_drain_cut_breaks_a_waiting_stream() {
         let (tx, body) = channel();
-        let cut = CancellationToken::new();
-        let mut watch = Watch::new(body, LIMIT, cut.clone());
+        let shutdown = Shutdown::default();
+        let mut watch = Watch::new(body, LIMIT, shutdown.handle(Stage::Cut));
         let canceller = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            cut.cancel();
+            shutdown.begin(Stage::Cut);
         });
         let end = next(&mut watch).await.unwrap();
         assert!(matches!(end, Err(Break::Drain)));
@@ -214,7 +216,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_upstream_error_is_a_break() {
         let (tx, body) = channel();
-        let mut watch = Watch::new(body, LIMIT, CancellationToken::new());
+        let mut watch = Watch::new(body, LIMIT, no_cut());
         tx.send(Err(std::io::Error::other("reset"))).await.unwrap();
         let end = next(&mut watch).await.unwrap();
         assert!(matches!(end, Err(Break::Upstream(_))));
