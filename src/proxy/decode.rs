@@ -39,8 +39,9 @@ pub async fn run(ctx: &mut RequestCtx, raw: Bytes) -> Result<DecoderAnswer, Prox
         named: None,
         retries: DECODE_CONNECT_RETRIES,
         retry: UpstreamError::never_sent,
+        deadline: leg::deadline(&ctx.app),
     };
-    let deadline = tokio::time::Instant::now() + ctx.app.config.fleet.upstream_timeout;
+    let deadline = plan.deadline;
     let answer = leg::call(ctx, plan, |decoder, traceparent| {
         let req = leg::request(ctx, decoder, raw.clone(), traceparent);
         let sent = leg::send(ctx, Leg::Decode, decoder, req);
@@ -52,8 +53,9 @@ pub async fn run(ctx: &mut RequestCtx, raw: Bytes) -> Result<DecoderAnswer, Prox
             if !status.is_server_error() {
                 return Ok(response);
             }
-            // What the decoder said, if it says it in time; its failure
-            // stands either way.
+            // What the decoder said, if it says it within the leg's time
+            // (this wait, polled inside the leg's own, ends first); its
+            // failure stands either way.
             let body =
                 tokio::time::timeout_at(deadline, read_whole(Leg::Decode, authority, response))
                     .await

@@ -35,6 +35,22 @@ pub struct Plan<'a> {
     pub retries: usize,
     /// Which failures another endpoint may take over.
     pub retry: fn(&UpstreamError) -> bool,
+    /// The whole leg, retries included, ends by then ([`deadline`]).
+    pub deadline: tokio::time::Instant,
+}
+
+/// A leg's deadline, `--upstream-timeout` from now.
+pub fn deadline(app: &App) -> tokio::time::Instant {
+    tokio::time::Instant::now() + app.config.fleet.upstream_timeout
+}
+
+/// An upstream call that ran past `--upstream-timeout` on `leg`, counted.
+pub fn timed_out(app: &App, leg: Leg) -> ProxyError {
+    app.metrics.upstream_error(leg);
+    ProxyError::UpstreamTimeout {
+        leg,
+        secs: app.config.fleet.upstream_timeout.as_secs_f64(),
+    }
 }
 
 /// An answer that was not the endpoint's failure.
@@ -79,7 +95,6 @@ where
 {
     let app = &ctx.app;
     let (mut span, traceparent) = ctx.trace.leg(plan.leg.as_str());
-    let deadline = tokio::time::Instant::now() + app.config.fleet.upstream_timeout;
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     let mut last_error = None;
     loop {
@@ -89,12 +104,8 @@ where
         let in_flight = endpoint.start();
         let sent_at = Instant::now();
         let attempt = send(&endpoint, traceparent.as_ref());
-        let Ok(result) = tokio::time::timeout_at(deadline, attempt).await else {
-            app.metrics.upstream_error(plan.leg);
-            return Err(ProxyError::UpstreamTimeout {
-                leg: plan.leg,
-                secs: app.config.fleet.upstream_timeout.as_secs_f64(),
-            });
+        let Ok(result) = tokio::time::timeout_at(plan.deadline, attempt).await else {
+            return Err(timed_out(app, plan.leg));
         };
         let done = |span: &mut Phase, status: StatusCode| {
             let role = plan.role.as_str();

@@ -9,6 +9,7 @@ use tokio::time::timeout;
 
 use super::admit::{refuse_loop, upstream_auth};
 use super::answer::{passthrough, read_whole, status_error};
+use super::leg::timed_out;
 use crate::app::App;
 use crate::error::{Leg, ProxyError, UpstreamError, UpstreamKind};
 use crate::fleet::Endpoint;
@@ -77,13 +78,6 @@ pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
     match timeout(app.config.fleet.upstream_timeout, first_ok).await {
         Ok(Some(response)) => response,
         Ok(None) => ProxyError::from(last_error).into_response(),
-        Err(_) => {
-            app.metrics.upstream_error(Leg::Models);
-            ProxyError::UpstreamTimeout {
-                leg: Leg::Models,
-                secs: app.config.fleet.upstream_timeout.as_secs_f64(),
-            }
-            .into_response()
-        }
+        Err(_) => timed_out(app, Leg::Models).into_response(),
     }
 }

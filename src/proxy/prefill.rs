@@ -33,6 +33,7 @@ pub async fn run(
         named: ctx.prefillers.as_deref(),
         retries: ctx.app.config.fleet.prefill_retries as usize,
         retry: UpstreamError::retryable,
+        deadline: leg::deadline(&ctx.app),
     };
     let result = leg::call(ctx, plan, |prefiller, traceparent| {
         let mut req = leg::request(ctx, prefiller, body.clone(), traceparent);

@@ -39,6 +39,7 @@ use self::watch::{Break, Watch};
 use super::answer::{passthrough, read_whole, upstream_said};
 use super::ctx::{Outcome, RequestCtx};
 use super::decode::DecoderAnswer;
+use super::leg::timed_out;
 use crate::error::{Leg, ProxyError};
 use crate::fleet::InFlight;
 use crate::metrics::TimeoutKind;
@@ -89,8 +90,11 @@ pub async fn start(ctx: &mut RequestCtx, answer: DecoderAnswer) -> Result<Reply,
         let read = read_whole(Leg::Decode, &decoder.authority, response);
         let whole = match tokio::time::timeout(limit, read).await {
             Ok(Ok(whole)) => whole,
-            Ok(Err(err)) => return Err(decode_failed(ctx, err.into())),
-            Err(_) => return Err(decode_timed_out(ctx)),
+            Ok(Err(err)) => {
+                ctx.app.metrics.upstream_error(Leg::Decode);
+                return Err(err.into());
+            }
+            Err(_) => return Err(timed_out(&ctx.app, Leg::Decode)),
         };
         ctx.first_byte(started.elapsed());
         if whole.status.is_client_error() || whole.status.is_server_error() {
@@ -114,7 +118,7 @@ pub async fn start(ctx: &mut RequestCtx, answer: DecoderAnswer) -> Result<Reply,
     let mut body = Batch::new(SseEnd::new(watch));
     let first = std::future::poll_fn(|cx| body.poll_gather(cx));
     if tokio::time::timeout(limit, first).await.is_err() {
-        return Err(decode_timed_out(ctx));
+        return Err(timed_out(&ctx.app, Leg::Decode));
     }
     Ok(Reply::Stream(Stream {
         status,
@@ -123,21 +127,6 @@ pub async fn start(ctx: &mut RequestCtx, answer: DecoderAnswer) -> Result<Reply,
         started,
         in_flight,
     }))
-}
-
-fn decode_failed(ctx: &RequestCtx, err: ProxyError) -> ProxyError {
-    ctx.app.metrics.upstream_error(Leg::Decode);
-    err
-}
-
-fn decode_timed_out(ctx: &RequestCtx) -> ProxyError {
-    decode_failed(
-        ctx,
-        ProxyError::UpstreamTimeout {
-            leg: Leg::Decode,
-            secs: ctx.app.config.fleet.upstream_timeout.as_secs_f64(),
-        },
-    )
 }
 
 impl Stream {
@@ -265,6 +254,11 @@ pub(crate) mod testing {
         fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
             self.0.poll_recv(cx)
         }
+    }
+
+    /// A cut that never comes.
+    pub fn no_cut() -> crate::shutdown::StageHandle {
+        crate::shutdown::Shutdown::default().handle(crate::shutdown::Stage::Cut)
     }
 
     pub fn channel() -> (mpsc::Sender<Item>, ChannelBody) {
